@@ -1,0 +1,83 @@
+"""From an allocation to PEFT: a LoraConfig with per-module ranks, and a check that PEFT obeyed it.
+
+PEFT matches ``rank_pattern`` keys as regexes against the end of a module name
+and silently ignores keys that match nothing, so keys here are full,
+regex-escaped module paths, and :func:`verify_ranks` checks the built model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from .allocation import Allocation
+
+
+class RankMismatchError(RuntimeError):
+    """A PEFT model's LoRA layers do not carry the allocated ranks."""
+
+
+def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_kwargs: Any):
+    """A ``peft.LoraConfig`` that gives every allocated module its rank.
+
+    ``lora_alpha`` is the alpha the user would give uniform LoRA at rank
+    ``avg_rank`` (default ``2 * avg_rank``); each module gets
+    ``alpha_w = lora_alpha * r_w / avg_rank`` so that alpha_w / r_w, the
+    step-size scale, is the same for every module. Other keyword arguments
+    (``lora_dropout``, ``task_type``, ``bias``, ``modules_to_save``, ...) go to LoraConfig.
+    """
+    from peft import LoraConfig
+
+    for key in ("r", "target_modules", "rank_pattern", "alpha_pattern"):
+        if key in lora_kwargs:
+            raise ValueError(f"{key!r} is set by the allocation; do not pass it")
+    avg = float(allocation.avg_rank)
+    alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * avg
+    if alpha <= 0:
+        raise ValueError(f"lora_alpha must be positive, got {alpha}")
+    ranks = allocation.ranks()
+    default_rank = max(1, int(round(avg)))
+    return LoraConfig(
+        r=default_rank,
+        lora_alpha=alpha * default_rank / avg,
+        target_modules=list(ranks),
+        rank_pattern={re.escape(name): r for name, r in ranks.items()},
+        alpha_pattern={re.escape(name): alpha * r / avg for name, r in ranks.items()},
+        **lora_kwargs,
+    )
+
+
+def _allocated_name(peft_name: str, names: set[str]) -> str | None:
+    """The allocated module a (possibly prefixed) PEFT module name refers to."""
+    parts = peft_name.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in names:
+            return candidate
+    return None
+
+
+def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
+    """Raise RankMismatchError unless every allocated module has a LoRA layer of exactly its rank and scale."""
+    from peft.tuners.lora import LoraLayer
+
+    expected = allocation.ranks()
+    names = set(expected)
+    found: dict[str, int] = {}
+    problems = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
+            continue
+        target = _allocated_name(name, names)
+        if target is None:
+            problems.append(f"{name} has a LoRA layer but no allocation")
+            continue
+        rank = int(module.r[adapter_name])
+        found[target] = rank
+        if rank != expected[target]:
+            problems.append(f"{target}: rank {rank}, allocated {expected[target]}")
+    problems += [f"{n}: no LoRA layer (allocated rank {expected[n]})" for n in expected if n not in found]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RankMismatchError(f"the PEFT model does not match the allocation: {shown}")

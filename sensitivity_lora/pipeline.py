@@ -1,0 +1,83 @@
+"""The whole method in a few calls: model + data → statistics → metrics → allocation → PEFT model."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .allocation import Allocation, allocate
+from .capture import CalibrationStatistics, calibrate
+from .metrics import MetricSettings, ModuleMetrics, module_metrics
+from .statistics import HESSIAN_MODES
+
+Batches = Iterable[Mapping[str, torch.Tensor]]
+
+
+def score_modules(stats: CalibrationStatistics, settings: MetricSettings = MetricSettings(),
+                  convention: str = "2/tokens", backend: str | None = None) -> dict[str, ModuleMetrics]:
+    """The three metrics of every target module, in model order (each input group is read once)."""
+    settings.validate()
+    diag = {g: s.hessian_diag(convention) for g, s in stats.groups.items()}
+    eig = {g: s.eigenvalues(convention) for g, s in stats.groups.items()} if settings.scope == "eigen" else {}
+    result = {}
+    for name, (d_in, d_out) in stats.dims.items():
+        group = stats.module_group[name]
+        result[name] = module_metrics(diag[group], d_out, group, settings, eig.get(group), backend)
+    return result
+
+
+def _check_settings(avg_rank: float, hessian: str, settings: MetricSettings) -> None:
+    """Fail on bad settings before the (expensive) calibration pass."""
+    if not avg_rank > 0:
+        raise ValueError(f"avg_rank must be positive, got {avg_rank}")
+    if hessian not in HESSIAN_MODES:
+        raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    settings.validate()
+    if settings.scope == "eigen" and hessian != "full":
+        raise ValueError("scope='eigen' needs the full Hessian: use hessian='full'")
+
+
+def compute_allocation(
+    model: nn.Module,
+    batches: Batches,
+    avg_rank: float = 8,
+    method: str = "sra",
+    hessian: str = "diag",
+    target_modules: str | Sequence[str] | None = None,
+    scope: str = "matrix",
+    topk: float | int = 0.5,
+    alpha: float = 0.85,
+    fusion: str = "sigma_mu2",
+    r_min: int = 1,
+    rho: float = 4.0,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    tiers: int = 3,
+    backend: str | None = None,
+    progress: bool = True,
+) -> Allocation:
+    """Calibrate ``model`` on ``batches`` and allocate LoRA ranks (METHOD.md; defaults are the method's)."""
+    settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
+    _check_settings(avg_rank, hessian, settings)
+    stats = calibrate(model, batches, target_modules, hessian, backend, progress)
+    metrics = score_modules(stats, settings, backend=backend)
+    extra = {"hessian": hessian, "scope": scope, "topk": topk, "alpha": alpha,
+             "n_tokens": stats.n_tokens, "n_groups": len(stats.groups)}
+    return allocate(metrics, avg_rank, method=method, fusion=fusion, r_min=r_min, rho=rho, r_max=r_max,
+                    budget_mode=budget_mode, tiers=tiers, extra_settings=extra)
+
+
+def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,
+                   lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default",
+                   **allocation_kwargs: Any):
+    """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified."""
+    from peft import get_peft_model as peft_get_peft_model
+
+    from .peft_integration import lora_config, verify_ranks
+
+    allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
+    config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
+    peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+    verify_ranks(peft_model, allocation, adapter_name)
+    return peft_model, allocation
