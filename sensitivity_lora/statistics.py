@@ -76,7 +76,7 @@ class GroupStatistics:
             raise ValueError(f"cannot merge statistics of {other.name!r} into {self.name!r}: shapes or modes differ")
         self.sumsq += other.sumsq.to(self.sumsq.device)
         if self.xtx is not None:
-            self.xtx.copy_(self.raw_xtx() + other.raw_xtx().to(self.xtx.device))
+            self.xtx = self.raw_xtx() + other.raw_xtx().to(self.sumsq.device)  # stays symmetric
         self.n_tokens += other.n_tokens
         self.n_sequences += other.n_sequences
 
