@@ -1,0 +1,68 @@
+"""PEFT: config keys, alpha scaling, verification, the one-call helper."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
+from sensitivity_lora import compute_allocation, get_peft_model, lora_config, verify_ranks
+from sensitivity_lora.peft_integration import RankMismatchError
+
+
+def _allocation(model, **kw):
+    return compute_allocation(model, random_batches(2), avg_rank=4, progress=False, **kw)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_bert, tiny_gpt2])
+def test_peft_model_gets_exactly_the_allocated_ranks(factory):
+    model = factory()
+    allocation = _allocation(model, r_min=1, rho=4.0)
+    assert len(set(allocation.ranks().values())) > 1, "the test needs non-uniform ranks"
+    peft_model, got = get_peft_model(factory(), random_batches(2), avg_rank=4, progress=False)
+    assert got.ranks() == allocation.ranks()
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert len(layers) == len(allocation.modules)
+    for name, module in layers.items():
+        target = next(t for t in allocation.modules if name.endswith(t))
+        assert module.r["default"] == allocation.modules[target].rank
+        # alpha_w / r_w is the same for every module: lora_alpha / avg_rank (default lora_alpha = 2 r̄)
+        assert module.scaling["default"] == pytest.approx(2.0)
+
+
+def test_config_keys_are_full_escaped_paths_and_alpha_keeps_the_scale():
+    model = tiny_llama()
+    allocation = _allocation(model)
+    config = lora_config(allocation, lora_alpha=12, lora_dropout=0.1)
+    assert config.lora_dropout == 0.1
+    for name, r in allocation.ranks().items():
+        key = re.escape(name)
+        assert config.rank_pattern[key] == r
+        assert config.alpha_pattern[key] == pytest.approx(12 * r / 4)
+    # layer 1's keys must not match layer 11-style names (escaped dots, full paths)
+    assert not re.fullmatch(re.escape("model.layers.1.mlp.up_proj"), "model.layers.11.mlp.up_proj")
+    with pytest.raises(ValueError, match="set by the allocation"):
+        lora_config(allocation, r=8)
+
+
+def test_verify_ranks_catches_a_mismatch():
+    from peft import get_peft_model as peft_get
+
+    model = tiny_llama()
+    allocation = _allocation(model)
+    config = lora_config(allocation)
+    name = next(iter(allocation.ranks()))
+    config.rank_pattern[re.escape(name)] = allocation.ranks()[name] + 1  # what a silently ignored key looks like
+    peft_model = peft_get(model, config)
+    with pytest.raises(RankMismatchError, match=re.escape(name)):
+        verify_ranks(peft_model, allocation)
+
+
+def test_model_weights_unchanged_by_allocation():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _allocation(model, hessian="full", scope="eigen")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
