@@ -168,7 +168,18 @@ def _accepts(model: nn.Module, argument: str) -> bool:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return argument in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return argument in params  # named explicitly: **kwargs may forward it somewhere that rejects it
+
+
+def forward_kwargs(model: nn.Module) -> dict:
+    """Arguments that skip work calibration does not need: the KV cache, and logits
+    (only layer inputs are measured, so the LM head's vocabulary projection is wasted)."""
+    extra = {}
+    if _accepts(model, "use_cache"):
+        extra["use_cache"] = False
+    if _accepts(model, "logits_to_keep"):
+        extra["logits_to_keep"] = 1
+    return extra
 
 
 def prepare_batch(batch: Mapping[str, torch.Tensor], device: torch.device, index: int) -> tuple[dict, torch.Tensor | None]:
@@ -200,14 +211,14 @@ def calibrate(
     modules = {n: lookup[n] for n in names}
     dims = {n: module_dims(m) for n, m in modules.items()}
     device = model_device(model)
-    use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    extra = forward_kwargs(model)
     seen_batches = 0
     with preserved_state(model), StatisticsHooks(modules, hessian, backend) as hooks:
         for index, batch in enumerate(_progress(batches, progress)):
             kwargs, mask = prepare_batch(batch, device, index)
             ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             hooks.context.set(mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]))
-            model(**kwargs, **use_cache)
+            model(**kwargs, **extra)
             seen_batches += 1
         hooks.context.seen.clear()
     if seen_batches == 0:
