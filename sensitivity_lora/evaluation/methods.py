@@ -1,0 +1,152 @@
+"""The compared methods, and how each one turns a base model into a trainable adapted model.
+
+Every method gets the same target modules, the same average rank r̄, the same
+lora_alpha / r̄ step-size scale and (in :mod:`.finetune`) the same steps, data
+and schedule. What differs is only how the ranks (and, for EVA, the initial
+A matrices) are chosen:
+
+- ``uniform``: r̄ everywhere (plain LoRA).
+- ``sra``/``pra`` and the ``sra-*`` variants: Sensitivity-LoRA through
+  :func:`sensitivity_lora.pipeline.compute_allocation`, with the keyword
+  arguments listed in :data:`METHODS`.
+- ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
+  its own ρ = 2), rank budget r̄ per module.
+- ``adalora``: PEFT's AdaLoRA, initial rank ⌈1.5 r̄⌉ pruned during training to
+  a final average of r̄ (its budget schedule needs the total step count).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..targets import resolve_targets
+from .budget import adapter_ranks
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "uniform" | "sensitivity" | "eva" | "adalora"
+    allocation: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("uniform", "uniform", {}, "LoRA, rank r̄ in every module"),
+    Method("sra", "sensitivity", {"method": "sra"}, "Sensitivity-LoRA, SRA, ρ = 4 (the default)"),
+    Method("pra", "sensitivity", {"method": "pra"}, "Sensitivity-LoRA, PRA (3 tiers)"),
+    Method("sra-rho2", "sensitivity", {"method": "sra", "rho": 2.0}, "SRA with rank cap ρ = 2"),
+    Method("sra-rhoinf", "sensitivity", {"method": "sra", "rho": math.inf}, "SRA, no cap (the paper's rule)"),
+    Method("sra-global", "sensitivity", {"method": "sra", "fusion": "global"}, "SRA, global metric only"),
+    Method("sra-local", "sensitivity", {"method": "sra", "fusion": "local"}, "SRA, local metrics only"),
+    Method("sra-equal", "sensitivity", {"method": "sra", "fusion": "equal"}, "SRA, equal fusion weights"),
+    Method("sra-params", "sensitivity", {"method": "sra", "budget_mode": "params"},
+           "SRA, LoRA parameter count matched to uniform"),
+    Method("eva", "eva", {}, "PEFT EVA (activation SVD, its ρ = 2)"),
+    Method("adalora", "adalora", {}, "PEFT AdaLoRA, init ⌈1.5 r̄⌉ → final r̄"),
+)}
+
+
+def parse_methods(names: Iterable[str]) -> list[Method]:
+    """Method objects for names (``all`` = every method), with a clear error for unknown names."""
+    names = list(names)
+    if names == ["all"]:
+        return list(METHODS.values())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or 'all'")
+    return [METHODS[n] for n in names]
+
+
+@dataclass
+class Adapted:
+    """A model ready to train, and what it took to build it."""
+
+    peft_model: nn.Module
+    forward: Callable[..., Any]  # call this in training (the tuner's forward: AdaLoRA adds its regulariser there)
+    targets: list[str]
+    setup_seconds: float  # calibration + allocation (+ EVA's SVD); 0 for uniform
+    after_step: Callable[[int], None] | None = None
+    allocation: Any = None  # the sensitivity Allocation, when there is one
+
+    def ranks(self) -> dict[str, int]:
+        return adapter_ranks(self.peft_model, self.targets)
+
+
+def build_adapted(
+    model: nn.Module,
+    method: Method,
+    avg_rank: int,
+    calibration: list[Mapping[str, torch.Tensor]],
+    total_steps: int,
+    target_modules: str | list[str] | None = None,
+    lora_alpha: float | None = None,
+    task_type: str | None = None,
+) -> Adapted:
+    """Wrap ``model`` (modified in place: pass a fresh copy) with ``method``'s adapter.
+
+    ``calibration`` is a list of input batches (no labels needed) used by the
+    data-driven methods; ``total_steps`` is the training length (AdaLoRA's schedule).
+    """
+    from peft import get_peft_model
+
+    if int(avg_rank) != avg_rank or avg_rank < 1:
+        raise ValueError(f"avg_rank must be a positive integer for a comparison with uniform LoRA, got {avg_rank}")
+    avg_rank = int(avg_rank)
+    alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * avg_rank
+    targets = resolve_targets(model, target_modules)
+    common = {"task_type": task_type} if task_type else {}
+    after_step = None
+    allocation = None
+    start = time.perf_counter()
+    if method.kind == "uniform":
+        from peft import LoraConfig
+
+        peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
+    elif method.kind == "sensitivity":
+        from ..peft_integration import lora_config, verify_ranks
+        from ..pipeline import compute_allocation
+
+        allocation = compute_allocation(model, calibration, avg_rank=avg_rank, target_modules=targets,
+                                        progress=False, **dict(method.allocation))
+        peft_model = get_peft_model(model, lora_config(allocation, alpha, **common))
+        verify_ranks(peft_model, allocation)
+    elif method.kind == "eva":
+        from peft import EvaConfig, LoraConfig
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        config = LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="eva",
+                            eva_config=EvaConfig(rho=2.0, use_label_mask=False), **common)
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+        with torch.no_grad():
+            initialize_lora_eva_weights(peft_model, dataloader=calibration, show_progress_bar=False)
+    elif method.kind == "adalora":
+        peft_model, after_step = _adalora(model, avg_rank, alpha, targets, total_steps, common)
+    else:  # pragma: no cover - METHODS only holds the kinds above
+        raise ValueError(f"unknown method kind {method.kind!r}")
+    seconds = time.perf_counter() - start
+    return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation)
+
+
+def adalora_schedule(total_steps: int) -> dict[str, int]:
+    """AdaLoRA's budget phases scaled to a short run: 10 % warm-up, 20 % final, ~10 reallocations."""
+    tinit = max(1, total_steps // 10)
+    tfinal = max(1, total_steps // 5)
+    if tinit >= total_steps - tfinal:
+        raise ValueError(f"AdaLoRA needs more steps to prune ranks during training; got total_steps={total_steps}")
+    return {"tinit": tinit, "tfinal": tfinal, "deltaT": max(1, (total_steps - tinit - tfinal) // 10)}
+
+
+def _adalora(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], total_steps: int,
+             common: dict) -> tuple[nn.Module, Callable[[int], None]]:
+    from peft import AdaLoraConfig, get_peft_model
+
+    config = AdaLoraConfig(init_r=math.ceil(1.5 * avg_rank), target_r=avg_rank, lora_alpha=alpha,
+                           target_modules=targets, total_step=total_steps, **adalora_schedule(total_steps), **common)
+    peft_model = get_peft_model(model, config)
+    return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)

@@ -1,0 +1,214 @@
+"""Tables (mean ± std over seeds, paired differences to uniform LoRA) and plots from results files."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from .methods import METHODS
+
+SCORES = {"classification": ("accuracy", "macro_f1"), "causal_lm": ("perplexity",)}
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "perplexity": False}
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def load_records(folder: Path) -> list[dict[str, Any]]:
+    """Every run record of the results JSON files (lists) in ``folder``."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            records += [r for r in data if isinstance(r, dict) and r.get("task") in SCORES and "seed" in r]
+    return records
+
+
+def _order(method: str) -> int:
+    names = list(METHODS)
+    return names.index(method) if method in names else -1
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, avg_rank, method): mean ± std of each score, and the paired difference to uniform."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["avg_rank"], r["method"])].append(r)
+    rows = []
+    for (task, avg_rank, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], _order(kv[0][2]))):
+        row: dict[str, Any] = {"task": task, "avg_rank": avg_rank, "method": method, "n_seeds": len(runs)}
+        uniform = {u["seed"]: u for u in groups.get((task, avg_rank, "uniform"), [])}
+        for score in SCORES[task]:
+            row[score] = mean_std(r[score] for r in runs)
+            paired = [r[score] - uniform[r["seed"]][score] for r in runs if r["seed"] in uniform]
+            row[f"{score}_vs_uniform"] = mean_std(paired) if paired and method != "uniform" else None
+        for key in ("rank_sum", "lora_params", "rank_max", "setup_seconds", "train_seconds"):
+            if all(key in r for r in runs):
+                row[key] = statistics.fmean(r[key] for r in runs)
+        rows.append(row)
+    return rows
+
+
+def _pm(pair: tuple[float, float] | None, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
+    if pair is None:
+        return "—"
+    m, s = pair[0] * scale, pair[1] * scale
+    return f"{m:+.{digits}f} ± {s:.{digits}f}" if sign else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
+    """A markdown table for one task and average rank."""
+    rows = [r for r in rows if r["task"] == task and r["avg_rank"] == avg_rank]
+    if task == "classification":
+        head = ("| method | seeds | accuracy % | Δ acc vs uniform | macro-F1 % | Δ F1 vs uniform | Σ rank | "
+                "LoRA params | max rank | setup s | train s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        lines = [f"| {r['method']} | {r['n_seeds']} | {_pm(r['accuracy'], 100)} | "
+                 f"{_pm(r['accuracy_vs_uniform'], 100, sign=True)} | {_pm(r['macro_f1'], 100)} | "
+                 f"{_pm(r['macro_f1_vs_uniform'], 100, sign=True)} | {r.get('rank_sum', 0):.0f} | "
+                 f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
+                 f"{r.get('train_seconds', 0):.0f} |" for r in rows]
+    else:
+        head = ("| method | seeds | held-out perplexity | Δ vs uniform | Σ rank | LoRA params | max rank | "
+                "setup s | train s |\n|---|---|---|---|---|---|---|---|---|")
+        lines = [f"| {r['method']} | {r['n_seeds']} | {_pm(r['perplexity'], digits=3)} | "
+                 f"{_pm(r['perplexity_vs_uniform'], digits=3, sign=True)} | {r.get('rank_sum', 0):.0f} | "
+                 f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
+                 f"{r.get('train_seconds', 0):.0f} |" for r in rows]
+    return "\n".join([head, *lines])
+
+
+def stability_tables(stab: dict[str, Any]) -> str:
+    """Markdown tables of the three stability studies."""
+    out = []
+    if "domains" in stab:
+        tau = stab["domains"]["tau"]
+        names = list(tau)
+        out.append("**Across calibration domains** (Kendall τ-b between θ orderings)\n")
+        out.append("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+        out += [f"| {a} | " + " | ".join(f"{tau[a][b]:.3f}" for b in names) + " |" for a in names]
+    if "sizes" in stab:
+        s = stab["sizes"]
+        out.append("\n**Across calibration sizes** (τ-b against the full set)\n")
+        out.append("| fraction | texts | τ-b vs 100 % | modules with another rank | seconds |\n|---|---|---|---|---|")
+        out += [f"| {k} | {s['n_texts'][k]} | {s['tau_vs_full'][k]:.3f} | {s['rank_changes_vs_full'][k]} | "
+                f"{s['seconds'][k]:.1f} |" for k in s["tau_vs_full"]]
+    if "training" in stab:
+        t = stab["training"]
+        out.append("\n**Across training** (uniform LoRA; adapter merged after each epoch; τ-b against before training)\n")
+        out.append("| epoch | τ-b vs epoch 0 | τ-b vs previous | modules with another rank |\n|---|---|---|---|")
+        out += [f"| {k} | {t['tau_vs_start'][k]:.3f} | {t['tau_vs_previous'].get(k, float('nan')):.3f} | "
+                f"{t['rank_changes_vs_start'][k]} |" for k in t["tau_vs_start"]]
+    return "\n".join(out)
+
+
+def plot_scores(rows: list[dict[str, Any]], task: str, score: str, path: Path) -> Path | None:
+    """Bar chart, one panel per average rank, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["task"] == task]
+    ranks = sorted({r["avg_rank"] for r in rows}, reverse=True)
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4), squeeze=False)
+    for ax, avg_rank in zip(axes[0], ranks):
+        sel = [r for r in rows if r["avg_rank"] == avg_rank]
+        means = [r[score][0] for r in sel]
+        stds = [r[score][1] for r in sel]
+        colors = ["tab:gray" if r["method"] == "uniform" else "tab:blue" if r["method"].startswith(("sra", "pra"))
+                  else "tab:orange" for r in sel]
+        ax.bar(range(len(sel)), means, yerr=stds, color=colors, capsize=3)
+        ax.set_xticks(range(len(sel)), [r["method"] for r in sel], rotation=45, ha="right")
+        lo, hi = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
+        pad = 0.15 * (hi - lo) + 1e-9
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(f"{task}, r̄ = {avg_rank}: {score} (mean ± std, n = {sel[0]['n_seeds']})")
+        if any(r["method"] == "uniform" for r in sel):
+            ax.axhline(next(r[score][0] for r in sel if r["method"] == "uniform"), color="tab:gray", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_stability(stab: dict[str, Any], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("domains", "sizes", "training") if k in stab]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        if name == "domains":
+            tau = stab[name]["tau"]
+            names = list(tau)
+            image = ax.imshow([[tau[a][b] for b in names] for a in names], vmin=min(0.5, min(
+                tau[a][b] for a in names for b in names)), vmax=1.0, cmap="viridis")
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+            ax.set_yticks(range(len(names)), names)
+            for i, a in enumerate(names):
+                for j, b in enumerate(names):
+                    ax.text(j, i, f"{tau[a][b]:.2f}", ha="center", va="center", color="w", fontsize=8)
+            fig.colorbar(image, ax=ax)
+            ax.set_title("τ-b across calibration domains")
+        elif name == "sizes":
+            s = stab[name]["tau_vs_full"]
+            ax.plot([float(k) * 100 for k in s], list(s.values()), marker="o")
+            ax.set_xlabel("% of the calibration set")
+            ax.set_ylabel("τ-b vs 100 %")
+            ax.set_title("τ-b across calibration sizes")
+        else:
+            t = stab[name]["tau_vs_start"]
+            ax.plot([int(k) for k in t], list(t.values()), marker="o", label="vs before training")
+            prev = stab[name]["tau_vs_previous"]
+            ax.plot([int(k) for k in prev], list(prev.values()), marker="s", label="vs previous epoch")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("τ-b")
+            ax.legend()
+            ax.set_title("τ-b across training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Path, out: Path) -> list[Path]:
+    """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(load_records(results))
+    parts, written = [], []
+    for task in SCORES:
+        for avg_rank in sorted({r["avg_rank"] for r in rows if r["task"] == task}, reverse=True):
+            if task == "causal_lm" and avg_rank == 0:
+                continue
+            parts.append(f"### {task}, average rank {avg_rank}\n\n{results_table(rows, task, avg_rank)}\n")
+        for score in SCORES[task]:
+            plot = plot_scores([r for r in rows if r["avg_rank"] > 0], task, score, out / f"{task}_{score}.png")
+            if plot:
+                written.append(plot)
+    base = [r for r in rows if r["task"] == "causal_lm" and r["method"] == "base"]
+    if base:
+        parts.append(f"Untrained model's held-out perplexity: {base[0]['perplexity'][0]:.3f}\n")
+    stab_path = results / "stability.json"
+    if stab_path.exists():
+        stab = json.loads(stab_path.read_text())
+        parts.append("### Stability (SmolLM2-135M)\n\n" + stability_tables(stab) + "\n")
+        plot = plot_stability(stab, out / "stability.png")
+        if plot:
+            written.append(plot)
+    (out / "tables.md").write_text("\n".join(parts))
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    return [out / "tables.md", out / "summary.json", *written]

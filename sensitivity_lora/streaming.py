@@ -1,0 +1,424 @@
+"""Layer-wise streaming calibration: one transformer block at a time.
+
+The inputs of every block are captured once per batch with the blocks stubbed
+out (each stub records the block's positional and keyword arguments: the
+model's internal attention mask, rotary cos/sin, positions, ...; the last stub
+stops the forward). Then block i runs over the cached hidden states with the
+statistics hooks on its target modules, its outputs replace the cache as block
+i+1's inputs, its statistics are handed to the caller and dropped. So at most
+one block's Hessians are alive, block weights can live elsewhere and visit the
+compute device one at a time, and the activation cache can sit in (pinned) CPU
+memory. The numbers equal the one-pass ``capture.calibrate`` exactly: each
+block computes the same thing on the same inputs, in the same order.
+
+Assumption (true of the Llama, Mistral, Qwen2, GPT-2 and BERT families): block
+i+1 reads block i's output unchanged. Models whose blocks cannot be found,
+targets outside the blocks, or blocks that return something other than a
+tensor or a tuple fall back to the one-pass hooks, with a warning saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .capture import (CalibrationStatistics, StatisticsHooks, calibrate, forward_kwargs, model_device,
+                      prepare_batch, preserved_state)
+from .statistics import HESSIAN_MODES, CalibrationError
+from .targets import block_containers, module_dims, resolve_targets
+
+
+class StreamingUnsupported(Exception):
+    """This model cannot be streamed block by block (the message says why); the caller falls back."""
+
+
+class _StopForward(Exception):
+    """Raised by the last block's stub: nothing after the blocks is needed."""
+
+
+@dataclass
+class BlockStatistics:
+    """One block's finalised statistics; ``index`` is -1 for a one-pass fallback over the whole model."""
+
+    index: int
+    stats: CalibrationStatistics
+    from_checkpoint: bool = False
+
+
+@dataclass
+class _CachedBatch:
+    """One calibration batch as seen by the blocks."""
+
+    hidden: torch.Tensor  # input of the next block to run (on the cache device)
+    mask: torch.Tensor | None  # the batch's own (batch, seq) attention mask, for the statistics
+    n_sequences: int
+    n_tokens: int
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)  # per block: (other args, kwargs)
+    hidden_as_kwarg: bool = False
+
+
+@dataclass
+class StreamPlan:
+    container: str
+    blocks: nn.ModuleList
+    targets: dict[int, dict[str, nn.Module]]  # block index → its target modules, model order
+    dims: dict[str, tuple[int, int]]
+
+
+def plan_streaming(model: nn.Module, names: Sequence[str]) -> StreamPlan:
+    """Which block each target lives in; raises ``StreamingUnsupported`` when streaming cannot work."""
+    containers = block_containers(model)
+    if len(containers) != 1:
+        raise StreamingUnsupported(
+            "no list of transformer blocks found" if not containers else
+            f"several block lists ({', '.join(containers)}), e.g. an encoder-decoder"
+        )
+    container = containers[0]
+    blocks = model.get_submodule(container)
+    lookup = dict(model.named_modules())
+    targets: dict[int, dict[str, nn.Module]] = {}
+    for name in names:
+        head, _, rest = name.partition(container + ".")
+        index = rest.split(".", 1)[0]
+        if head or not rest or not index.isdigit():
+            raise StreamingUnsupported(f"target {name} is outside the blocks of {container}")
+        targets.setdefault(int(index), {})[name] = lookup[name]
+    return StreamPlan(container, blocks, dict(sorted(targets.items())),
+                      {n: module_dims(lookup[n]) for n in names})
+
+
+def _bar(items: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=len(items) if hasattr(items, "__len__") else None, desc=desc)
+
+
+def _batch_digest(hasher: "hashlib._Hash", batch: Mapping[str, Any]) -> None:
+    for key in sorted(batch):
+        value = batch[key]
+        if isinstance(value, torch.Tensor):
+            hasher.update(key.encode())
+            hasher.update(str((tuple(value.shape), str(value.dtype))).encode())
+            hasher.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _strip_cache(value: Any) -> Any:
+    """The KV cache must not be carried from the capture pass into the block runs."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+@contextlib.contextmanager
+def _stubbed_blocks(blocks: nn.ModuleList, last: int, records: list) -> Iterator[None]:
+    """Replace each block's forward by a recorder that passes the hidden state through.
+
+    Block 0 really runs on the first call, to learn what blocks return (a tensor
+    or a tuple); the stubs return the same structure so the model's loop goes on.
+    """
+    shape: dict[str, Any] = {}
+
+    def make(index: int, original: Callable):
+        def stub(*args, **kwargs):
+            as_kwarg = not args
+            if as_kwarg and "hidden_states" not in kwargs:
+                raise StreamingUnsupported(f"block {index} was called without a hidden-state argument")
+            hidden = kwargs.pop("hidden_states") if as_kwarg else args[0]
+            rest = tuple(_strip_cache(a) for a in (args if as_kwarg else args[1:]))
+            kwargs = {k: _strip_cache(v) for k, v in kwargs.items()}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            records.append((index, hidden, rest, kwargs, as_kwarg))
+            if index == last:
+                raise _StopForward
+            if "tuple" not in shape:
+                out = original(*args, **{**kwargs, **({"hidden_states": hidden} if as_kwarg else {})})
+                if isinstance(out, tuple):
+                    shape["tuple"] = tuple(out[1:])
+                elif isinstance(out, torch.Tensor):
+                    shape["tuple"] = None
+                else:
+                    raise StreamingUnsupported(f"blocks return {type(out).__name__}, not a tensor or a tuple")
+            tail = shape["tuple"]
+            return hidden if tail is None else (hidden,) + tail
+
+        return stub
+
+    try:
+        for i, block in enumerate(blocks):
+            if i > last:
+                break
+            block.forward = make(i, block.forward)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _capture(model: nn.Module, plan: StreamPlan, batches: Iterable, last: int, device: torch.device,
+             cache_device: torch.device, progress: bool) -> tuple[list[_CachedBatch], str]:
+    """Inputs (and call arguments) of blocks 0..last for every batch; also a digest of the data."""
+    extra = forward_kwargs(model)
+    hasher = hashlib.sha256()
+    cached: list[_CachedBatch] = []
+    pin = cache_device.type == "cpu" and device.type == "cuda"
+    for index, batch in enumerate(_bar(batches, progress, "capturing")):
+        _batch_digest(hasher, batch)
+        kwargs, mask = prepare_batch(batch, device, index)
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        records: list = []
+        with _stubbed_blocks(plan.blocks, last, records):
+            try:
+                model(**kwargs, **extra)
+            except _StopForward:
+                pass
+        if len(records) != last + 1 or [r[0] for r in records] != list(range(last + 1)):
+            raise StreamingUnsupported("the model did not call its blocks once each, in order")
+        hidden = records[0][1].detach()
+        hidden = hidden.to(cache_device).pin_memory() if pin else hidden.to(cache_device, copy=True)
+        cached.append(_CachedBatch(hidden, mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]),
+                                   [(r[2], r[3]) for r in records], records[0][4]))
+    if not cached:
+        raise CalibrationError("no calibration batches were given; pass at least one batch of text")
+    return cached, hasher.hexdigest()
+
+
+def _run_block(block: nn.Module, index: int, cached: _CachedBatch, device: torch.device,
+               cache_device: torch.device, hooks: StatisticsHooks | None) -> None:
+    """Run ``block`` on one cached batch and store its output as the next block's input."""
+    hidden = cached.hidden.to(device, non_blocking=True)
+    if hooks is not None:
+        hooks.context.set(cached.mask, cached.n_sequences, cached.n_tokens)
+    args, kwargs = cached.calls[index]
+    out = block(**kwargs, hidden_states=hidden) if cached.hidden_as_kwarg else block(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    if cached.hidden.shape != out.shape:
+        raise StreamingUnsupported(f"block {index} changes the hidden-state shape {tuple(hidden.shape)} → {tuple(out.shape)}")
+    if cached.hidden.device == out.device:
+        cached.hidden = out
+    else:  # reuse the (pinned) cache buffer
+        cached.hidden.copy_(out, non_blocking=False)
+
+
+@contextlib.contextmanager
+def _on_device(modules: Sequence[nn.Module], device: torch.device | None) -> Iterator[None]:
+    """Move ``modules`` to ``device`` for the duration (weight offloading); restore after, also on error."""
+    if device is None:
+        yield
+        return
+    homes = []
+    try:
+        for module in modules:
+            home = next((p.device for p in module.parameters()), None)
+            homes.append((module, home))
+            if home is not None and home != device:
+                module.to(device)
+        yield
+    finally:
+        for module, home in homes:
+            if home is not None and home != device:
+                module.to(home)
+
+
+def _outside_blocks(model: nn.Module, container: str) -> list[nn.Module]:
+    """The children on the path to the block list that are not the block list itself (embeddings, norms...)."""
+    out, module, path = [], model, container.split(".")
+    for depth, part in enumerate(path):
+        for name, child in module.named_children():
+            if name != part:
+                out.append(child)
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            raise StreamingUnsupported(f"{'.'.join(path[:depth]) or 'the model'} holds its own parameters; "
+                                       "offloading cannot move them")
+        module = getattr(module, part)
+    return out
+
+
+def iter_block_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: str | Sequence[str] | None = None,
+    hessian: str = "diag",
+    backend: str | None = None,
+    *,
+    streaming: bool = True,
+    device: torch.device | str | None = None,
+    cache_device: torch.device | str | None = None,
+    checkpoint=None,
+    reduce: Callable[[CalibrationStatistics], None] | None = None,
+    progress: bool = True,
+) -> Iterator[BlockStatistics]:
+    """Yield the finalised statistics of each block with targets, in order, one block alive at a time.
+
+    device: where blocks run (default: where the model is). When it differs, the
+      model's weights stay where they are and each block visits ``device`` in turn.
+    cache_device: where the hidden states wait between blocks (default: ``device``;
+      "cpu" with a CUDA device uses pinned memory).
+    checkpoint: a ``checkpoint.BlockCheckpoint``; finished blocks are recorded after
+      the consumer took them, and a resumed run yields them from disk (or skips them
+      when the checkpoint does not store statistics) without recomputing them.
+    reduce: applied to each block's fresh statistics before anything else sees them
+      (distributed all-reduce).
+    streaming=False, or a model that cannot stream: one pass over the whole model,
+      yielded as a single ``BlockStatistics`` with index -1 (no checkpoint).
+    """
+    if hessian not in HESSIAN_MODES:
+        raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    names = resolve_targets(model, target_modules)
+    plan = None
+    if streaming:
+        try:
+            plan = plan_streaming(model, names)
+        except StreamingUnsupported as exc:
+            warnings.warn(f"streaming is not possible for this model ({exc}); calibrating in one pass", stacklevel=2)
+    if plan is None:
+        yield from _one_pass(model, batches, names, hessian, backend, checkpoint, reduce, progress)
+        return
+    try:
+        yield from _stream(model, batches, plan, names, hessian, backend, device, cache_device, checkpoint,
+                           reduce, progress)
+    except StreamingUnsupported as exc:
+        raise CalibrationError(f"streaming failed on this model ({exc}); pass streaming=False") from exc
+
+
+def _one_pass(model, batches, names, hessian, backend, checkpoint, reduce, progress) -> Iterator[BlockStatistics]:
+    if checkpoint is not None:
+        warnings.warn("checkpoints need streaming; this one-pass run cannot be resumed", stacklevel=3)
+    stats = calibrate(model, batches, names, hessian, backend, progress)
+    if reduce is not None:
+        reduce(stats)
+    yield BlockStatistics(-1, stats)
+
+
+def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, cache_device, checkpoint,
+            reduce, progress) -> Iterator[BlockStatistics]:
+    home = model_device(model)
+    device = torch.device(device) if device is not None else home
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+    offload = device != home
+    last = max(plan.targets)  # blocks after the last one with targets never need to run
+    with preserved_state(model):
+        movers = _outside_blocks(model, plan.container) + [plan.blocks[0]] if offload else []
+        with _on_device(movers, device if offload else None):
+            cached, digest = _capture(model, plan, batches, last, device, cache_device, progress)
+        done: list[int] = []
+        if checkpoint is not None:
+            fingerprint = {"targets": hashlib.sha256(json.dumps(names).encode()).hexdigest(), "hessian": hessian,
+                           "n_targets": len(names), "data": digest, "n_batches": len(cached),
+                           "dims": hashlib.sha256(json.dumps(sorted(plan.dims.items())).encode()).hexdigest(),
+                           "dtype": str(next(model.parameters()).dtype), "container": plan.container}
+            done = checkpoint.open(fingerprint)
+        todo = [i for i in plan.targets if i not in done]
+        for index in plan.targets:  # finished blocks first (always a prefix: blocks finish in order)
+            if index in done:
+                stats = (checkpoint.load(index, backend=backend) if checkpoint.store
+                         else CalibrationStatistics({}, {}, {}, hessian))
+                yield BlockStatistics(index, stats, from_checkpoint=True)
+        # the rest in order; finished blocks before them only run forward, to make the next inputs
+        steps = range(0, max(todo) + 1 if todo else 0)
+        for index in _bar(steps, progress and len(steps) > 1, "blocks"):
+            block = plan.blocks[index]
+            with _on_device([block], device if offload else None):
+                if index not in todo:
+                    for c in cached:
+                        _run_block(block, index, c, device, cache_device, None)
+                    continue
+                targets = plan.targets[index]
+                with StatisticsHooks(targets, hessian, backend, device) as hooks:
+                    for c in cached:
+                        _run_block(block, index, c, device, cache_device, hooks)
+                    hooks.context.seen.clear()
+            missing = [n for n in targets if n not in hooks.module_group]
+            if missing:
+                raise CalibrationError(f"{len(missing)} target modules of block {index} never ran (e.g. {missing[0]}); "
+                                       "exclude them with target_modules")
+            order = list(targets)
+            for group in hooks.groups.values():
+                group.members.sort(key=order.index)
+            stats = hooks.result({n: plan.dims[n] for n in targets})
+            del hooks
+            if reduce is not None:
+                reduce(stats)
+            yield BlockStatistics(index, stats)
+            if checkpoint is not None:
+                checkpoint.save(index, stats)
+            del stats
+
+
+# ---------------------------------------------------------------- allocation with one block alive at a time
+
+def allocation_from_blocks(blocks: Iterable[BlockStatistics], avg_rank: float = 8, method: str = "sra",
+                           hessian: str = "diag", scope: str = "matrix", topk: float | int = 0.5,
+                           alpha: float = 0.85, fusion: str = "sigma_mu2", r_min: int = 1, rho: float = 4.0,
+                           r_max: int | None = None, budget_mode: str = "rank", tiers: int = 3,
+                           backend: str | None = None):
+    """Score each block as it arrives (its statistics are dropped after) and allocate at the end.
+
+    Scoring per module reads only its own group, so this equals scoring the whole
+    model's statistics at once (``pipeline.compute_allocation``).
+    """
+    from .allocation import allocate
+    from .metrics import MetricSettings
+    from .pipeline import score_modules
+
+    settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
+    metrics: dict = {}
+    n_tokens, n_groups = 0, 0
+    for block in blocks:
+        metrics.update(score_modules(block.stats, settings, backend=backend))
+        n_tokens = max(n_tokens, block.stats.n_tokens)
+        n_groups += len(block.stats.groups)
+        block.stats = None  # drop the Hessians before the next block is computed
+    extra = {"hessian": hessian, "scope": scope, "topk": topk, "alpha": alpha, "n_tokens": n_tokens, "n_groups": n_groups}
+    return allocate(metrics, avg_rank, method=method, fusion=fusion, r_min=r_min, rho=rho, r_max=r_max,
+                    budget_mode=budget_mode, tiers=tiers, extra_settings=extra)
+
+
+def compute_allocation_streaming(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    avg_rank: float = 8,
+    method: str = "sra",
+    hessian: str = "diag",
+    target_modules: str | Sequence[str] | None = None,
+    scope: str = "matrix",
+    topk: float | int = 0.5,
+    alpha: float = 0.85,
+    fusion: str = "sigma_mu2",
+    r_min: int = 1,
+    rho: float = 4.0,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    tiers: int = 3,
+    backend: str | None = None,
+    progress: bool = True,
+    *,
+    device: torch.device | str | None = None,
+    cache_device: torch.device | str | None = None,
+    checkpoint_dir: str | None = None,
+):
+    """``pipeline.compute_allocation`` streamed block by block (same arguments, same result).
+
+    ``checkpoint_dir`` makes the run resumable: finished blocks are saved there and
+    a rerun with the same model, data and settings continues after the last one.
+    """
+    from .checkpoint import BlockCheckpoint
+    from .metrics import MetricSettings
+    from .pipeline import _check_settings
+
+    _check_settings(avg_rank, hessian, MetricSettings(scope=scope, topk=topk, alpha=alpha))
+    checkpoint = BlockCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    blocks = iter_block_statistics(model, batches, target_modules, hessian, backend, device=device,
+                                   cache_device=cache_device, checkpoint=checkpoint, progress=progress)
+    return allocation_from_blocks(blocks, avg_rank, method, hessian, scope, topk, alpha, fusion, r_min, rho,
+                                  r_max, budget_mode, tiers, backend)
