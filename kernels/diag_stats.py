@@ -1,9 +1,12 @@
 """Trace, top-k mean and effective rank of a Hessian diagonal, Triton.
 
-One program per diagonal: the whole (padded) diagonal is sorted in descending
-order with ``tl.sort``, the cumulative sums come from ``tl.cumsum`` and the
-closed forms of METHOD.md §3 are evaluated in fp64 (same formulas and
-tolerances as reference.diag_stats).
+A selection scheme instead of a full sort, so one program handles any d with
+a bounded tile and compiles quickly: the j-th largest entry is found by
+bisection on the fp64 bit pattern (order-preserving for entries ≥ 0), and the
+cumulative sum C_i of the sorted diagonal is the sum of the entries ≥ the
+i-th largest one (ties resolved in closed form). The closed forms of
+METHOD.md §3 are then evaluated in fp64, with the reference's tolerances.
+Entries must be ≥ 0 (they are sums of squares); negative ones count as 0.
 """
 from __future__ import annotations
 
@@ -11,50 +14,89 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device
+from ._launch import check_device, interpreting
 
-# One program holds the padded diagonal; beyond this size use the reference.
-MAX_FEATURES = 1 << 16
+_INF_KEY = 0x7FF0000000000000  # bit pattern of +inf: above every finite entry
 
 
 @triton.jit
-def _diag_stats_kernel(
-    diag_ptr, out_ptr, d, d_out, k, q, s, alpha,
-    BLOCK: tl.constexpr,
-):
-    idx = tl.arange(0, BLOCK)
-    valid = idx < d
-    # Padding sorts last (-inf) and is kept out of every sum with tl.where.
-    ell = tl.sort(tl.load(diag_ptr + idx, mask=valid, other=float("-inf")).to(tl.float64), descending=True)
-    ell0 = tl.where(valid, ell, 0.0)
-    cum = tl.cumsum(ell0, axis=0)
-    total = tl.sum(tl.where(idx == d - 1, cum, 0.0), axis=0)
+def _count_sum_ge(diag_ptr, d, key, BLOCK: tl.constexpr):
+    """Number and sum of the entries whose bit pattern is ≥ key."""
+    cnt = tl.zeros((BLOCK,), dtype=tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for t0 in range(0, d, BLOCK):
+        idx = t0 + tl.arange(0, BLOCK)
+        ok = idx < d
+        v = tl.load(diag_ptr + idx, mask=ok, other=0.0).to(tl.float64)
+        v = tl.where(v > 0.0, v, 0.0)  # also maps -0.0 and NaN to +0.0
+        sel = ok & (v.to(tl.int64, bitcast=True) >= key)
+        cnt += sel.to(tl.int64)
+        acc += tl.where(sel, v, 0.0)
+    return tl.sum(cnt, axis=0), tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _jth_largest_key(diag_ptr, d, j, BLOCK: tl.constexpr):
+    """Bit pattern of the j-th largest entry (1-based): the largest key with count(≥ key) ≥ j."""
+    lo = tl.zeros((), dtype=tl.int64)  # count(≥ 0) = d ≥ j
+    hi = tl.full((), 0x7FF0000000000000, dtype=tl.int64)  # count(≥ inf) = 0 < j
+    for _ in range(64):
+        mid = lo + (hi - lo) // 2
+        cnt, _s = _count_sum_ge(diag_ptr, d, mid, BLOCK)
+        ok = cnt >= j
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
+
+
+@triton.jit
+def _diag_stats_kernel(diag_ptr, alpha_ptr, out_ptr, d, d_out, k, q, s, BLOCK: tl.constexpr):
+    alpha = tl.load(alpha_ptr)  # fp64 from memory: a Python float argument would be fp32
+    _n, total = _count_sum_ge(diag_ptr, d, 0, BLOCK)
     d_out_f = d_out.to(tl.float64)
-    # Top-k of the repeated diagonal: k = q·d_out + s.
-    c_q = tl.sum(tl.where(idx == q - 1, cum, 0.0), axis=0)
-    tail = tl.sum(tl.where(idx == q, ell0, 0.0), axis=0)
+    # Top-k of the repeated diagonal, k = q·d_out + s: C_q and ℓ_{q+1}.
+    c_q = tl.zeros((), dtype=tl.float64)
+    if q > 0:
+        key_q = _jth_largest_key(diag_ptr, d, q, BLOCK)
+        ell_q = key_q.to(tl.float64, bitcast=True)
+        n_gt, s_gt = _count_sum_ge(diag_ptr, d, key_q + 1, BLOCK)
+        c_q = s_gt + (q - n_gt).to(tl.float64) * ell_q
+    tail = tl.zeros((), dtype=tl.float64)
+    if s > 0:
+        tail = _jth_largest_key(diag_ptr, d, q + 1, BLOCK).to(tl.float64, bitcast=True)
     topk = (d_out_f * c_q + s.to(tl.float64) * tail) / k.to(tl.float64)
-    # Effective rank: smallest i with C_i ≥ α·T (relative tolerance as in the reference).
+    # Effective rank: i* = smallest i with C_i ≥ α·T (relative tolerance as in the reference).
     target = alpha * total
-    reached = valid & (cum >= target * (1.0 - 1e-12))
-    i_star = tl.min(tl.where(reached, idx, BLOCK), axis=0) + 1
-    c_prev = tl.sum(tl.where(idx == i_star - 2, cum, 0.0), axis=0)
-    ell_i = tl.sum(tl.where(idx == i_star - 1, ell0, 0.0), axis=0)
-    ell_i = tl.where(ell_i != 0.0, ell_i, 1.0)  # only reached when total <= 0 (eff = 0 below)
-    need = d_out_f * (target - c_prev) / ell_i
+    goal = target * (1.0 - 1e-12)
+    lo = tl.zeros((), dtype=tl.int64)
+    hi = tl.full((), 0x7FF0000000000000, dtype=tl.int64)
+    for _ in range(64):  # largest key whose sum(≥ key) still reaches the goal: that is ℓ_{i*}
+        mid = lo + (hi - lo) // 2
+        _c, sm = _count_sum_ge(diag_ptr, d, mid, BLOCK)
+        ok = sm >= goal
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    ell_i = lo.to(tl.float64, bitcast=True)
+    n_gt, s_gt = _count_sum_ge(diag_ptr, d, lo + 1, BLOCK)
+    safe = tl.where(ell_i > 0.0, ell_i, 1.0)  # ell_i = 0 only when T = 0 (eff = 0 below)
+    # Within a run of entries equal to ell_i, C grows by ell_i per step.
+    steps = (goal - s_gt) / safe
+    j_t = steps.to(tl.int64)
+    j = tl.maximum(j_t + (j_t.to(tl.float64) < steps).to(tl.int64), 1)
+    i_star = n_gt + j
+    c_prev = s_gt + (j - 1).to(tl.float64) * ell_i
+    need = d_out_f * (target - c_prev) / safe
     need = need - 1e-9 * tl.maximum(1.0, tl.abs(need))
-    # ceil without libdevice: truncate, then step up when a fraction is left.
-    trunc = need.to(tl.int64)
-    ceil = trunc + (trunc.to(tl.float64) < need).to(tl.int64)
-    eff = d_out.to(tl.int64) * (i_star - 1).to(tl.int64) + tl.maximum(ceil, 1)
-    eff_f = tl.where(total > 0.0, eff.to(tl.float64), 0.0)
+    n_t = need.to(tl.int64)  # ceil without libdevice: truncate, step up if a fraction is left
+    ceil = n_t + (n_t.to(tl.float64) < need).to(tl.int64)
+    eff = d_out.to(tl.int64) * (i_star - 1) + tl.maximum(ceil, 1)
     tl.store(out_ptr + 0, d_out_f * total)
     tl.store(out_ptr + 1, topk)
-    tl.store(out_ptr + 2, eff_f)
+    tl.store(out_ptr + 2, tl.where(total > 0.0, eff.to(tl.float64), 0.0))
 
 
-def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Tensor:
-    """[trace, topk_mean, eff_rank] (float64) of diag repeated ``d_out`` times; see reference.diag_stats."""
+def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float, *, block: int | None = None) -> torch.Tensor:
+    """[trace, topk_mean, eff_rank] (float64, CPU) of diag repeated ``d_out`` times; see reference.diag_stats."""
     device = check_device(diag)
     d = diag.numel()
     if d == 0 or d_out < 1:
@@ -64,13 +106,12 @@ def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Te
         raise ValueError(f"k={k} out of range [1, {m}]")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha={alpha} out of range (0, 1]")
-    if d > MAX_FEATURES:
-        raise ValueError(f"diagonal of {d} features exceeds the Triton kernel's limit {MAX_FEATURES}; use the reference backend")
     q, s = divmod(k, d_out)
-    block = max(16, triton.next_power_of_2(d))
+    block = block or min(triton.next_power_of_2(d), 64 if interpreting() else 1024)
     out = torch.empty(3, dtype=torch.float64, device=device)
+    alpha_t = torch.tensor([float(alpha)], dtype=torch.float64, device=device)
     _diag_stats_kernel[(1,)](
-        diag.contiguous().flatten(), out, d, d_out, k, q, s, float(alpha),
-        BLOCK=block, num_warps=min(16, max(4, block // 1024)),
+        diag.detach().contiguous().flatten().double(), alpha_t, out, d, d_out, k, q, s,
+        BLOCK=max(16, block), num_warps=4,
     )
-    return out if device.type == "cpu" else out.cpu()
+    return out.cpu()

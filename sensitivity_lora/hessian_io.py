@@ -239,4 +239,5 @@ def export_hessians(model: torch.nn.Module, batches, out_dir: str | os.PathLike,
                                        device=device, checkpoint=checkpoint, progress=progress):
         if not block.from_checkpoint:
             writer.write(block.stats.groups.values(), block.stats.dims)
+        block.stats = None  # free this block's Hessians before the next block runs
     return out_dir

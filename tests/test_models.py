@@ -176,6 +176,12 @@ def test_encoder_folder_loads_the_encoder_or_a_classifier(tmp_path):
     assert type(load_model_and_tokenizer(str(path))[0]).__name__ == "BertModel"
 
 
+def test_saved_base_model_stays_a_base_model(tmp_path):
+    path = _save(tiny_llama(vocab=10).model, word_tokenizer(), tmp_path / "base")  # LlamaModel, no LM head
+    model, _ = load_model_and_tokenizer(str(path))
+    assert type(model).__name__ == "LlamaModel"
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: (p / "w.bin").write_bytes(b"x") and p / "w.bin", "not a .gguf model"),
@@ -184,6 +190,17 @@ def test_encoder_folder_loads_the_encoder_or_a_classifier(tmp_path):
 def test_bad_model_paths(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         load_model_and_tokenizer(str(make(tmp_path)))
+
+
+def test_folder_without_tokenizer_or_with_a_foreign_config(tmp_path):
+    path = tmp_path / "no-tok"
+    tiny_llama(vocab=10).save_pretrained(path)
+    with pytest.raises(ValueError, match="no tokenizer AutoTokenizer can load"):
+        load_model_and_tokenizer(str(path))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "no-such-family"}')
+    with pytest.raises(ValueError, match="not a model folder transformers can read"):
+        load_model_and_tokenizer(str(tmp_path / "odd"))
 
 
 def test_bad_task(tmp_path):

@@ -81,6 +81,7 @@ class ClassificationTask:
     n_train_per_class: int = 32
     n_test_per_class: int = 40
     max_len: int = 128
+    n_calibration: int = 64  # training articles (labels unused) the data-driven methods calibrate on
     calibration_batch_size: int = 16
     eval_batch_size: int = 32
 
@@ -114,8 +115,10 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
 
     torch.manual_seed(seed)  # head and LoRA initialisation
     model = MeanPoolClassifier(copy.deepcopy(encoder), len(labels)).eval()
-    calibration = [{k: v[s:s + task.calibration_batch_size] for k, v in train_enc.items()}
-                   for s in range(0, len(train_set), task.calibration_batch_size)]
+    # calibrate on a seeded, class-mixed subset of the training articles (the split lists them by class)
+    picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:task.n_calibration]
+    calibration = [{k: v[picked[s:s + task.calibration_batch_size]] for k, v in train_enc.items()}
+                   for s in range(0, len(picked), task.calibration_batch_size)]
     adapted = build_adapted(model, method, avg_rank, calibration, train_config.steps)
     for p in adapted.peft_model.base_model.model.head.parameters():
         p.requires_grad_(True)  # the task head trains in every method
