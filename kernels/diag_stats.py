@@ -89,7 +89,8 @@ def _diag_stats_kernel(diag_ptr, alpha_ptr, out_ptr, d, d_out, k, q, s, BLOCK: t
     need = need - 1e-9 * tl.maximum(1.0, tl.abs(need))
     n_t = need.to(tl.int64)  # ceil without libdevice: truncate, step up if a fraction is left
     ceil = n_t + (n_t.to(tl.float64) < need).to(tl.int64)
-    eff = d_out.to(tl.int64) * (i_star - 1) + tl.maximum(ceil, 1)
+    # 1 ≤ entries taken from ℓ_{i*} ≤ d_out: the clamp absorbs rounding between separately summed totals.
+    eff = d_out.to(tl.int64) * (i_star - 1) + tl.minimum(tl.maximum(ceil, 1), d_out.to(tl.int64))
     tl.store(out_ptr + 0, d_out_f * total)
     tl.store(out_ptr + 1, topk)
     tl.store(out_ptr + 2, tl.where(total > 0.0, eff.to(tl.float64), 0.0))

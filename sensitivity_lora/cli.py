@@ -98,7 +98,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     allocation.save(out / "allocation.json")
     task_type = "CAUSAL_LM" if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__ else None
     config = lora_config(allocation, args.lora_alpha, task_type=task_type)
-    config.base_model_name_or_path = str(args.model) if args.model else "SmolLM2-135M"
+    if args.model is None:
+        from .models import default_model_dir
+
+        config.base_model_name_or_path = str(default_model_dir())
+    else:
+        config.base_model_name_or_path = str(args.model)
     config.save_pretrained(str(out))
     if not args.no_plot:
         plot_ranks(allocation, out / "ranks.png")

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: th
 # What each kernel must compile to (PTX), beyond compiling at all.
 PTX_PATTERNS = {
     "sumsq.cu": [r"ld\.global\.nc\.v4\.(u|b)32"],  # 16-byte vector loads
-    "xtx.cu": [r"wmma\.mma\.sync\.aligned\.\S*\.bf16", r"wmma\.mma\.sync\.aligned\.\S*\.f16"],  # tensor cores
+    # tensor cores: bf16 and fp16 WMMA (the fp16 form names only the accumulator types)
+    "xtx.cu": [r"wmma\.mma\.sync\.aligned\.col\.row\.m16n16k16\.f32\.bf16\.bf16\.f32",
+               r"wmma\.mma\.sync\.aligned\.col\.row\.m16n16k16\.f32\.f32"],
     "diag_stats.cu": [],
 }
 
@@ -43,7 +45,7 @@ def compiled(tmp_path_factory) -> dict[tuple[str, int, bool], tuple[subprocess.C
     jobs = [(src, arch, ptx) for src in CU_FILES for arch in ARCHS for ptx in (False, True)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         outs = [folder / f"{Path(src).stem}.sm{arch}.{'ptx' if ptx else 'o'}" for src, arch, ptx in jobs]
-        results = list(pool.map(lambda job_out: _nvcc(*job_out[0], job_out[1], job_out[0][2]), zip(jobs, outs)))
+        results = list(pool.map(lambda job, out: _nvcc(job[0], job[1], out, job[2]), jobs, outs))
     return {job: (res, out) for job, res, out in zip(jobs, results, outs)}
 
 
@@ -75,7 +77,7 @@ def test_kernels_are_torch_free(src):
     assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), f"{src} includes torch headers"
 
 
-def test_launcher_header_is_plain_c():
+def test_launcher_header_is_plain_c(tmp_path):
     """launchers.h is a C interface: it compiles as C with only the CUDA runtime headers."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -85,6 +87,8 @@ def test_launcher_header_is_plain_c():
     top = re.search(r"TOP=(\S+)", real.stdout + real.stderr)
     if top:  # nvcc may be a wrapper script: ask it where the toolkit is
         cuda_include = Path(top.group(1)).resolve() / "include"
-    res = subprocess.run([cc, "-fsyntax-only", "-Wall", "-Werror", "-x", "c", "-I", str(cuda_include),
-                          str(CUDA_DIR / "launchers.h")], capture_output=True, text=True)
+    probe = tmp_path / "probe.c"
+    probe.write_text('#include "launchers.h"\nint main(void) { return (int)sl_xtx_workspace_bytes(8, 1); }\n')
+    res = subprocess.run([cc, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-std=c11", "-I", str(CUDA_DIR),
+                          "-I", str(cuda_include), str(probe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

