@@ -1,4 +1,4 @@
-"""The ``sensitivity-lora`` command."""
+"""sensitivity-lora: allocate LoRA ranks from Hessian sensitivity, compare allocations, export Hessians, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_allocate(sub)
     _add_compare(sub)
+    from . import cli_evaluate, cli_hessians
+
+    cli_hessians.add_parser(sub)
+    cli_evaluate.add_parser(sub)
     return parser
 
 
