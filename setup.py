@@ -71,10 +71,13 @@ def _extensions() -> tuple[list, dict]:
         cxx.append("-march=native")
     sources = _sources("csrc/bindings.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
+    # rpath to the torch it was built against, so that `import sensitivity_lora._C` also works
+    # before `import torch` (built without isolation, that is the torch it runs with).
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     common = dict(
         name="sensitivity_lora._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", f"-Wl,-rpath,{torch_lib}"],
     )
     if _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME, cuda_sources):
         ext = cpp_extension.CUDAExtension(

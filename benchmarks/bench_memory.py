@@ -78,8 +78,8 @@ def load(quick: bool):
     """(model, batches): the real SmolLM2-135M on BBC text, or (quick) a 3-block model of its width."""
     if quick:
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, SMOL["vocab_size"], (2, 16), generator=g)
-        return smollm2_like(3), [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+        ids = [torch.randint(0, SMOL["vocab_size"], (2, 16), generator=g) for _ in range(2)]
+        return smollm2_like(3), [{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids]
     from sensitivity_lora.data import calibration_batches, load_texts
     from sensitivity_lora.models import load_model_and_tokenizer
 
@@ -89,7 +89,7 @@ def load(quick: bool):
 
 def run_mode(mode: str, model, batches) -> dict:
     """One measurement in this process; returns Hessian peak bytes and seconds."""
-    from sensitivity_lora.capture import calibrate
+    from sensitivity_lora.capture import calibrate, forward_kwargs
     from sensitivity_lora.streaming import iter_block_statistics
     from sensitivity_lora.targets import block_containers, resolve_targets
 
@@ -102,7 +102,7 @@ def run_mode(mode: str, model, batches) -> dict:
         if mode == "plain":
             with torch.no_grad():
                 for b in batches:
-                    model(**b, use_cache=False)
+                    model(**b, **forward_kwargs(model))
         elif mode == "naive":
             mods = dict(model.named_modules())
             hs = {}
@@ -119,7 +119,7 @@ def run_mode(mode: str, model, batches) -> dict:
             handles += [mods[n].register_forward_pre_hook(make(n)) for n in resolve_targets(model)]
             with torch.no_grad():
                 for b in batches:
-                    model(**b, use_cache=False)
+                    model(**b, **forward_kwargs(model))
         elif mode == "one-pass":
             stats = calibrate(model, batches, hessian="full", progress=False)
             meter.sample()

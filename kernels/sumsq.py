@@ -30,8 +30,8 @@ def _sumsq_kernel(
     sq = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     sm = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     start = pid_c * CHUNK
-    for t0 in range(0, CHUNK, BLOCK_T):
-        rows = start + t0 + tl.arange(0, BLOCK_T)
+    for t0 in range(start, tl.minimum(start + CHUNK, n_tokens), BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
         keep = rows < n_tokens
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + rows, mask=keep, other=0) != 0)

@@ -99,7 +99,8 @@ def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Te
         i_star = int(torch.nonzero(reached)[0]) + 1
         c_prev = float(cum[i_star - 2]) if i_star > 1 else 0.0
         need = d_out * (target - c_prev) / float(ell[i_star - 1])
-        eff = d_out * (i_star - 1) + max(1, math.ceil(need - 1e-9 * max(1.0, abs(need))))
+        # at most d_out copies of ℓ_{i*} are needed (C_{i*} ≥ α·T); rounding must not push past them
+        eff = d_out * (i_star - 1) + min(d_out, max(1, math.ceil(need - 1e-9 * max(1.0, abs(need)))))
     return torch.tensor([d_out * total, topk, float(eff)], dtype=torch.float64)
 
 

@@ -244,6 +244,15 @@ def _outside_blocks(model: nn.Module, container: str) -> list[nn.Module]:
     return out
 
 
+def _finalise(hooks: StatisticsHooks, targets: Mapping[str, nn.Module],
+              dims: Mapping[str, tuple[int, int]]) -> CalibrationStatistics:
+    """The block's statistics, members in model order (a function, so no loop variable keeps a group alive)."""
+    order = list(targets)
+    for group in hooks.groups.values():
+        group.members.sort(key=order.index)
+    return hooks.result({n: dims[n] for n in targets})
+
+
 def iter_block_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -342,10 +351,7 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
             if missing:
                 raise CalibrationError(f"{len(missing)} target modules of block {index} never ran (e.g. {missing[0]}); "
                                        "exclude them with target_modules")
-            order = list(targets)
-            for group in hooks.groups.values():
-                group.members.sort(key=order.index)
-            stats = hooks.result({n: plan.dims[n] for n in targets})
+            stats = _finalise(hooks, targets, plan.dims)
             del hooks
             if reduce is not None:
                 reduce(stats)

@@ -120,14 +120,22 @@ def test_one_block_of_hessians_alive_at_a_time(monkeypatch):
     model = tiny_llama()
     model.model.layers.append(type(model.model.layers[0])(model.config, 2))  # three blocks
     model.config.num_hidden_layers = 3
-    peak = 0
-    for block in iter_block_statistics(model, random_batches(2), hessian="full", progress=False):
+    during: list[int] = []  # live accumulators whenever a block starts on a batch
+
+    def count(*_):
+        gc.collect()
+        during.append(sum(ref() is not None for ref in alive))
+
+    handles = [layer.register_forward_pre_hook(count) for layer in model.model.layers]
+    for block in iter_block_statistics(model, random_batches(3), hessian="full", progress=False):
         gc.collect()
         live = sum(ref() is not None for ref in alive)
         assert live == len(block.stats.groups) == 4, f"block {block.index}: {live} accumulators alive"
-        peak = max(peak, live)
         block.stats = None  # what the consumers do before asking for the next block
-    assert peak == 4 and len(alive) == 12
+    for h in handles:
+        h.remove()
+    # per block: 3 batches; before the 1st nothing is alive, before the 2nd and 3rd this block's 4 groups
+    assert during[-9:] == [0, 4, 4] * 3 and len(alive) == 12
 
 
 class _Block(torch.nn.Module):

@@ -31,7 +31,7 @@ sumsq_partial_kernel(const T* __restrict__ x, int64_t n_tokens, int64_t d, int64
     for (int64_t t = t_begin + lane; t < t_end; t += kLanes) {
       if (mask != nullptr && mask[t] == 0) continue;
       const T* row = x + t * ld_x + f0;
-      T vals[VEC];
+      alignas(16) T vals[VEC];  // target of the 16-byte load
       if constexpr (VEC > 1) {
         // One 16-byte load: the launcher checked the alignment of x, ld_x and d.
         *reinterpret_cast<uint4*>(vals) = __ldg(reinterpret_cast<const uint4*>(row));

@@ -45,6 +45,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sra-global", "sensitivity", {"method": "sra", "fusion": "global"}, "SRA, global metric only"),
     Method("sra-local", "sensitivity", {"method": "sra", "fusion": "local"}, "SRA, local metrics only"),
     Method("sra-equal", "sensitivity", {"method": "sra", "fusion": "equal"}, "SRA, equal fusion weights"),
+    Method("sra-row", "sensitivity", {"method": "sra", "scope": "row"},
+           "SRA with scope 'row' (diag(H_row) alone, no d_out factor)"),
     Method("sra-params", "sensitivity", {"method": "sra", "budget_mode": "params"},
            "SRA, LoRA parameter count matched to uniform"),
     Method("eva", "eva", {}, "PEFT EVA (activation SVD, its ρ = 2)"),

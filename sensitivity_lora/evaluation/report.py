@@ -86,9 +86,10 @@ def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
 
 
 def module_type(name: str) -> str:
-    """A module's type: its last name component, with BERT's ambiguous ``dense`` qualified by its parent."""
+    """A module's type: its name inside its block (after the block index), e.g. ``self_attn.q_proj``."""
     parts = name.split(".")
-    return ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
+    last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=len(parts) - 2)
+    return ".".join(parts[last_index + 1:])
 
 
 def rank_by_type_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> str:
