@@ -20,6 +20,9 @@ _EXPORTS = {
     "NotPositiveDefiniteError": "reference",
     "CalibrationError": "statistics", "GroupStatistics": "statistics",
     "TargetError": "targets", "resolve_targets": "targets",
+    "export_hessians": "hessian_io", "load_hessians": "hessian_io",
+    "compute_allocation_streaming": "streaming",
+    "compute_allocation_distributed": "distributed", "init_from_env": "distributed",
 }
 __all__ = sorted(_EXPORTS)
 

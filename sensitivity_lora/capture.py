@@ -171,13 +171,15 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in params  # named explicitly: **kwargs may forward it somewhere that rejects it
 
 
-def forward_kwargs(model: nn.Module) -> dict:
+def forward_kwargs(model: nn.Module, targets: Iterable[nn.Module] = ()) -> dict:
     """Arguments that skip work calibration does not need: the KV cache, and logits
-    (only layer inputs are measured, so the LM head's vocabulary projection is wasted)."""
+    (only layer inputs are measured, so the LM head's vocabulary projection is wasted,
+    unless the LM head is itself a target)."""
     extra = {}
     if _accepts(model, "use_cache"):
         extra["use_cache"] = False
-    if _accepts(model, "logits_to_keep"):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if _accepts(model, "logits_to_keep") and not any(m is head for m in targets):
         extra["logits_to_keep"] = 1
     return extra
 
@@ -211,7 +213,7 @@ def calibrate(
     modules = {n: lookup[n] for n in names}
     dims = {n: module_dims(m) for n, m in modules.items()}
     device = model_device(model)
-    extra = forward_kwargs(model)
+    extra = forward_kwargs(model, modules.values())
     seen_batches = 0
     with preserved_state(model), StatisticsHooks(modules, hessian, backend) as hooks:
         for index, batch in enumerate(_progress(batches, progress)):

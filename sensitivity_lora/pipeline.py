@@ -56,8 +56,21 @@ def compute_allocation(
     tiers: int = 3,
     backend: str | None = None,
     progress: bool = True,
+    streaming: bool = False,
+    checkpoint_dir: str | None = None,
 ) -> Allocation:
-    """Calibrate ``model`` on ``batches`` and allocate LoRA ranks (METHOD.md; defaults are the method's)."""
+    """Calibrate ``model`` on ``batches`` and allocate LoRA ranks (METHOD.md; defaults are the method's).
+
+    ``streaming=True`` runs the model one block at a time (same result, memory of one
+    block's statistics; see ``streaming.compute_allocation_streaming`` for offloading),
+    and ``checkpoint_dir`` makes such a run resumable.
+    """
+    if streaming or checkpoint_dir is not None:
+        from .streaming import compute_allocation_streaming
+
+        return compute_allocation_streaming(model, batches, avg_rank, method, hessian, target_modules, scope, topk,
+                                            alpha, fusion, r_min, rho, r_max, budget_mode, tiers, backend, progress,
+                                            checkpoint_dir=checkpoint_dir)
     settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
     _check_settings(avg_rank, hessian, settings)
     stats = calibrate(model, batches, target_modules, hessian, backend, progress)

@@ -154,3 +154,13 @@ def test_empty_and_all_padding_data_raise():
     assert all(not m._forward_pre_hooks for m in model.modules())
     with pytest.raises(CalibrationError, match="input_ids"):
         calibrate(model, [{"ids": torch.zeros(1, 3)}], progress=False)
+
+
+def test_lm_head_as_explicit_target_sees_every_token():
+    """Logits are skipped during calibration only when the LM head is not a target."""
+    model = tiny_llama()
+    batches = random_batches(2)
+    stats = calibrate(model, batches, target_modules=["lm_head", "q_proj"], progress=False)
+    assert "lm_head" in stats.dims
+    oracle = _oracle_sumsq(model, batches, ["lm_head"])
+    torch.testing.assert_close(stats.groups[stats.module_group["lm_head"]].sumsq, oracle["lm_head"], rtol=1e-5, atol=1e-8)
