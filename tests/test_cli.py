@@ -63,3 +63,12 @@ def test_bad_input_is_a_clear_error(tiny_llama_dir, text_file, tmp_path, capsys,
 def test_unreadable_data_path(tiny_llama_dir, tmp_path, capsys):
     assert _allocate(tiny_llama_dir, tmp_path / "missing.txt", tmp_path / "out") == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_streaming_flag_gives_the_same_allocation(tiny_llama_dir, text_file, tmp_path):
+    assert _allocate(tiny_llama_dir, text_file, tmp_path / "a", "--no-plot", "--no-verify", "--hessian", "full") == 0
+    assert _allocate(tiny_llama_dir, text_file, tmp_path / "b", "--no-plot", "--no-verify", "--hessian", "full",
+                     "--streaming") == 0
+    a = json.loads((tmp_path / "a" / "allocation.json").read_text())["modules"]
+    b = json.loads((tmp_path / "b" / "allocation.json").read_text())["modules"]
+    assert a == b
