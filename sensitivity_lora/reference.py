@@ -101,7 +101,7 @@ def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Te
         need = d_out * (target - c_prev) / float(ell[i_star - 1])
         # at most d_out copies of ℓ_{i*} are needed (C_{i*} ≥ α·T); rounding must not push past them
         eff = d_out * (i_star - 1) + min(d_out, max(1, math.ceil(need - 1e-9 * max(1.0, abs(need)))))
-    return torch.tensor([d_out * total, topk, float(eff)], dtype=torch.float64)
+    return torch.tensor([d_out * total, topk, float(eff)], dtype=torch.float64, device=diag.device)
 
 
 class NotPositiveDefiniteError(ValueError):

@@ -231,3 +231,16 @@ def test_all_zero_diagonal_has_zero_metrics():
 
 def test_scopes_listed():
     assert SCOPES == ("matrix", "row", "eigen")
+
+
+@pytest.mark.parametrize("backend, device", _backends())
+def test_effective_rank_never_exceeds_m_at_alpha_one(backend, device):
+    """Regression: at α = 1 rounding in the cumulative sum once pushed the count past d_out·d."""
+    fn = ops.get_op("diag_stats", device, backend)
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(300):  # about 3% of these overshot before the fix
+        d = int(torch.randint(2, 400, (1,), generator=gen))
+        d_out = int(torch.randint(1, 5, (1,), generator=gen))
+        diag = (torch.rand(d, generator=gen, dtype=torch.float64) ** 8).to(device)  # many tiny entries
+        eff = float(fn(diag, d_out, max(1, d_out * d // 2), 1.0)[2])
+        assert 1 <= eff <= d_out * d

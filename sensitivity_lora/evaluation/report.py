@@ -178,13 +178,13 @@ def plot_stability(stab: dict[str, Any], path: Path) -> Path | None:
         if name == "domains":
             tau = stab[name]["tau"]
             names = list(tau)
-            image = ax.imshow([[tau[a][b] for b in names] for a in names], vmin=min(0.5, min(
-                tau[a][b] for a in names for b in names)), vmax=1.0, cmap="viridis")
+            low = min(tau[a][b] for a in names for b in names)
+            image = ax.imshow([[tau[a][b] for b in names] for a in names], vmin=low - 0.02, vmax=1.0, cmap="viridis")
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
             ax.set_yticks(range(len(names)), names)
             for i, a in enumerate(names):
                 for j, b in enumerate(names):
-                    ax.text(j, i, f"{tau[a][b]:.2f}", ha="center", va="center", color="w", fontsize=8)
+                    ax.text(j, i, f"{tau[a][b]:.3f}", ha="center", va="center", color="k", fontsize=7)
             fig.colorbar(image, ax=ax)
             ax.set_title("τ-b across calibration domains")
         elif name == "sizes":
