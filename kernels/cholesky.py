@@ -16,11 +16,8 @@ import triton.language as tl
 
 from ._launch import check_device, interpreting
 
-try:  # shared error type, so callers catch one class whichever backend ran
-    from sensitivity_lora.reference import NotPositiveDefiniteError
-except ImportError:  # pragma: no cover - kernels used without the package
-    class NotPositiveDefiniteError(ValueError):
-        """A Hessian stayed non-positive-definite after every damping step."""
+# One damping policy and one error type for every backend.
+from sensitivity_lora.reference import NotPositiveDefiniteError, damped_factorisation  # noqa: F401
 
 
 @triton.jit
@@ -104,26 +101,4 @@ def cholesky_damped(
     ladder: float = 10.0,
 ) -> tuple[torch.Tensor, float, int]:
     """Same contract as reference.cholesky_damped, factoring with :func:`cholesky_blocked`."""
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"cholesky_damped needs a square matrix, got {tuple(H.shape)}")
-    if not torch.isfinite(H).all():
-        raise NotPositiveDefiniteError("Hessian has non-finite entries")
-    A = H.clone()
-    diag = A.diagonal()
-    mean_diag = float(diag.clamp_min(0).mean()) if A.numel() else 0.0
-    floor = mean_diag if mean_diag > 0 else 1.0
-    diag[diag <= 0] = floor  # dead features, as GPTQ-style tools do
-    base = rel_damp * floor
-    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    tried = []
-    for attempt in range(max_tries):
-        damp = base * ladder**attempt
-        L, info = cholesky_blocked(A + damp * eye)
-        tried.append(damp)
-        if info == 0:
-            return L, damp, attempt + 1
-    raise NotPositiveDefiniteError(
-        f"matrix of size {A.shape[0]} is not positive definite after damping with "
-        f"{', '.join(f'{t:.3g}' for t in tried)} (mean diagonal {mean_diag:.3g}); "
-        "raise max_tries or rel_damp, or check the calibration data"
-    )
+    return damped_factorisation(H, rel_damp, max_tries, ladder, cholesky_blocked)

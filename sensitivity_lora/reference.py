@@ -14,6 +14,7 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -121,6 +122,18 @@ def cholesky_damped(
     i = 0..max_tries-1 and return (L, δ, tries) for the first that factors.
     Raises NotPositiveDefiniteError naming what was tried.
     """
+    return damped_factorisation(H, rel_damp, max_tries, ladder, torch.linalg.cholesky_ex)
+
+
+def damped_factorisation(
+    H: torch.Tensor,
+    rel_damp: float,
+    max_tries: int,
+    ladder: float,
+    factor: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
+) -> tuple[torch.Tensor, float, int]:
+    """The damping ladder of :func:`cholesky_damped` around any ``factor(A) -> (L, info)``
+    (info 0 on success), so that every backend shares one policy."""
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"cholesky_damped needs a square matrix, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
@@ -129,13 +142,13 @@ def cholesky_damped(
     diag = A.diagonal()
     mean_diag = float(diag.clamp_min(0).mean()) if A.numel() else 0.0
     floor = mean_diag if mean_diag > 0 else 1.0
-    dead = diag <= 0
-    diag[dead] = floor
+    diag[diag <= 0] = floor
     base = rel_damp * floor
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     tried = []
     for attempt in range(max_tries):
         damp = base * ladder**attempt
-        L, info = torch.linalg.cholesky_ex(A + damp * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        L, info = factor(A + damp * eye)
         tried.append(damp)
         if int(info) == 0:
             return L, damp, attempt + 1

@@ -28,12 +28,17 @@ from .finetune import TrainConfig, train
 
 
 def stdlib_docstrings(n: int, min_chars: int = 400, seed: int = 0) -> list[str]:
-    """``n`` docstrings of at least ``min_chars`` characters from the standard library's source, seeded."""
+    """``n`` docstrings of at least ``min_chars`` characters from the standard library's source, seeded.
+
+    Files are read in a seeded order and reading stops once ``n`` are found, so a
+    small request parses a few modules, not the whole library.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
+    paths = [p for p in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+             if not (p.name.startswith("test") or p.parent.name.startswith(("test", "idlelib")))]  # prose, not tests
+    random.Random(seed).shuffle(paths)
     found: list[str] = []
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if path.name.startswith("test") or path.parent.name.startswith(("test", "idlelib")):
-            continue  # test suites are code-like text, not prose
+    for path in paths:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
         except (SyntaxError, ValueError):
@@ -43,10 +48,9 @@ def stdlib_docstrings(n: int, min_chars: int = 400, seed: int = 0) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= min_chars:
                     found.append(doc)
-    if len(found) < n:
-        raise ValueError(f"only {len(found)} stdlib docstrings have ≥ {min_chars} characters; ask for fewer")
-    random.Random(seed).shuffle(found)
-    return found[:n]
+        if len(found) >= n:
+            return found[:n]
+    raise ValueError(f"only {len(found)} stdlib docstrings have ≥ {min_chars} characters; ask for fewer")
 
 
 def _allocate(model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int,
