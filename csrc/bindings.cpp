@@ -81,10 +81,30 @@ TORCH_LIBRARY_IMPL(sensitivity_lora, Meta, m) {
   m.impl("cholesky_inverse_diag", &sl::cholesky_inverse_diag_meta);
 }
 
-// A Python module with no functions: importing it loads this library, whose
-// static initialisers above register the ops with the dispatcher.
+namespace {
+
+// _set_external_syrk(ssyrk, sgemm, set_threads): addresses (ints) of the Fortran
+// ssyrk/sgemm and of an OpenBLAS-style thread setter; 0, 0, 0 disables it.
+// Called by sensitivity_lora/_native.py, which finds them in scipy's BLAS.
+PyObject* set_external_syrk_py(PyObject*, PyObject* args) {
+  unsigned long long syrk = 0, gemm = 0, threads = 0;
+  if (!PyArg_ParseTuple(args, "KKK", &syrk, &gemm, &threads)) return nullptr;
+  sensitivity_lora::cpu::set_external_syrk(reinterpret_cast<void*>(syrk), reinterpret_cast<void*>(gemm),
+                                           reinterpret_cast<void*>(threads));
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"_set_external_syrk", set_external_syrk_py, METH_VARARGS,
+     "Use an external BLAS SYRK for accumulate_xtx (addresses of ssyrk, sgemm, set_num_threads; 0s disable)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing the module loads this library, whose static initialisers above
+// register the ops with the dispatcher; its one function configures the BLAS.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Compiled ops of sensitivity_lora (torch.ops.sensitivity_lora)",
-                               -1, nullptr};
+                               -1, methods};
   return PyModule_Create(&module);
 }

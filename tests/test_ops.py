@@ -108,17 +108,40 @@ def test_sumsq_cpu_is_deterministic():
 
 # --- accumulate_xtx -----------------------------------------------------------------------------
 
-# 300 and 577 cross the C++ leaf size (256) and are not multiples of any tile; 4500 tokens span two
-# 4096-token chunks.
-XTX_SHAPES = [(0, 8), (3, 1), (50, 7), (700, 300), (4500, 130), (600, 577)]
+# 300 and 577 cross the C++ leaf size (256) and are not multiples of any tile; 4500 and 8300 tokens
+# span two and three 4096-token chunks; 577 is split between threads on the SYRK path.
+XTX_SHAPES = [(0, 8), (3, 1), (50, 7), (700, 300), (4500, 130), (600, 577), (8300, 290)]
+# The cpu accumulate_xtx has two product paths: scipy's OpenBLAS SYRK (the default when found) and
+# at::mm GEMMs on upper-triangle blocks; both are tested.
+XTX_BACKENDS = ("reference", "cpu-syrk", "cpu-gemm")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.fixture
+def xtx_for():
+    """accumulate_xtx of a backend of XTX_BACKENDS (cpu-* set the product path; restored after)."""
+    touched = []
+
+    def get(backend: str):
+        if backend == "reference":
+            return op_for("accumulate_xtx", "reference")
+        fn = op_for("accumulate_xtx", "cpu")
+        from sensitivity_lora import _native
+        touched.append(_native)
+        if _native.use_external_syrk(backend == "cpu-syrk") != (backend == "cpu-syrk"):
+            pytest.skip("scipy's BLAS is not OpenBLAS (no ssyrk with a thread setter): SYRK path unavailable")
+        return fn
+
+    yield get
+    for native in touched:
+        native.use_external_syrk(native.syrk_default())
+
+
+@pytest.mark.parametrize("backend", XTX_BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", XTX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked"])
-def test_xtx_matches_oracle(backend, dtype, shape, mask_kind):
-    fn = op_for("accumulate_xtx", backend)
+def test_xtx_matches_oracle(xtx_for, backend, dtype, shape, mask_kind):
+    fn = xtx_for(backend)
     n, d = shape
     seed = _seed("xtx", dtype, shape, mask_kind)
     x = activation(n, d, dtype, seed)
@@ -132,21 +155,43 @@ def test_xtx_matches_oracle(backend, dtype, shape, mask_kind):
     assert_sums_close(diag, expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal side output")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", XTX_BACKENDS)
 @pytest.mark.parametrize("layout", ["row-strided", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_xtx_non_contiguous(backend, layout, dtype):
-    fn = op_for("accumulate_xtx", backend)
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "dense"])
+def test_xtx_non_contiguous(xtx_for, backend, layout, dtype, masked):
+    fn = xtx_for(backend)
     x = activation(500, 270, dtype, _seed("xtx-nc", layout, dtype), layout)
-    mask = token_mask(500, "random", 4)
+    mask = token_mask(500, "random", 4) if masked else None
     acc = torch.zeros(270, 270, dtype=torch.float64)
     fn(acc, x, mask)
     assert_gram_close(acc, oracle_xtx(x, mask), ACCUMULATION_RTOL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_xtx_into_transposed_accumulator(backend):
-    fn = op_for("accumulate_xtx", backend)
+# The SYRK path splits the triangle's columns between the threads (d // 128 parts at most) and runs
+# every chunk in one parallel region: other thread counts must give the same sums.
+@pytest.mark.parametrize("backend", ["cpu-syrk", "cpu-gemm"])
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_xtx_cpu_thread_counts(xtx_for, backend, threads, dtype):
+    fn = xtx_for(backend)
+    x = activation(4200, 700, dtype, _seed("xtx-threads", backend, threads, dtype))
+    mask = token_mask(4200, "random", 5) if dtype == torch.bfloat16 else None
+    acc, diag = torch.zeros(700, 700, dtype=torch.float64), torch.zeros(700, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn(acc, x, mask, diag)
+    finally:
+        torch.set_num_threads(before)
+    expected = oracle_xtx(x, mask)
+    assert_gram_close(acc, expected, ACCUMULATION_RTOL)
+    assert_sums_close(diag, expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal side output")
+
+
+@pytest.mark.parametrize("backend", XTX_BACKENDS)
+def test_xtx_into_transposed_accumulator(xtx_for, backend):
+    fn = xtx_for(backend)
     x = activation(400, 90, torch.float32, 21)
     acc_t = torch.zeros(90, 90, dtype=torch.float64).T  # stride(1) != 1
     fn(acc_t, x)

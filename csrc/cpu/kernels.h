@@ -38,6 +38,17 @@ int64_t gather_rows_f32(const Activation& x, const bool* mask, int64_t row0, int
 void add_block_f32_to_f64(const float* S, int64_t ld_s, double* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                           bool upper_only, double* diag, int threads);
 
+// XᵀX with an external BLAS SYRK (csrc/cpu/syrk.cpp). set_external_syrk takes
+// the Fortran ssyrk and sgemm and an OpenBLAS-style thread-count setter
+// (int (*)(int), returning the previous count); null pointers disable it.
+void set_external_syrk(void* syrk, void* gemm, void* set_threads);
+bool external_syrk_usable(int64_t rows, int64_t d, int64_t ldx);
+// acc (row-major, upper triangle) += XᵀX and diag += its diagonal (diag may be
+// null) for x (rows × d fp32, row stride ldx), in fp32 products over token
+// chunks of `chunk` rows, each combined in fp64; scratch is d × d fp32, dense.
+void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chunk, float* scratch, double* acc,
+              int64_t ld_acc, double* diag, int threads);
+
 // Result of diag_stats: trace, top-k mean and effective rank (METHOD.md §3).
 struct DiagStats {
   double trace;

@@ -12,6 +12,9 @@
 // that is combined once per chunk (one parallel region instead of one per
 // block: each region's barrier is costly when the cores are shared); above it
 // each block is combined on its own, to bound the scratch memory.
+// When an external BLAS SYRK was registered (scipy's OpenBLAS, see
+// csrc/cpu/syrk.cpp) every fp32 chunk with a scratch uses it instead: half a
+// GEMM's flops, one parallel region for all chunks of a dense fp32 input.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -75,9 +78,26 @@ void triangle(const at::Tensor& X, int64_t lo, int64_t n, const Target& t) {
   triangle(X, lo + half, n - half, t);
 }
 
+bool syrk_usable(const at::Tensor& X, const Target& t) {
+  return t.scratch.defined() && X.scalar_type() == at::kFloat && X.stride(1) == 1 && X.stride(0) >= X.size(1) &&
+         external_syrk_usable(X.size(0), X.size(1), X.stride(0));
+}
+
+// acc += XᵀX of X (fp32, rows contiguous) with the external SYRK, chunk rows at a time.
+void syrk_chunks(const at::Tensor& X, int64_t chunk, const Target& t) {
+  xtx_syrk(X.data_ptr<float>(), X.size(0), X.size(1), X.stride(0), chunk, t.scratch.data_ptr<float>(),
+           t.acc.data_ptr<double>(), t.acc.stride(0), t.diag.defined() ? t.diag.data_ptr<double>() : nullptr,
+           t.threads);
+}
+
 // All upper-triangle products of one chunk, then (with a scratch) one combine.
 void chunk_products(const at::Tensor& X, const Target& t) {
   const int64_t d = X.size(1);
+  if (syrk_usable(X, t)) {
+    // BLAS SYRK: half a GEMM's flops, combined per thread (csrc/cpu/syrk.cpp).
+    syrk_chunks(X, X.size(0), t);
+    return;
+  }
   triangle(X, 0, d, t);
   if (t.scratch.defined())
     add_block_f32_to_f64(t.scratch.data_ptr<float>(), d, t.acc.data_ptr<double>(), t.acc.stride(0), d, d,
@@ -118,7 +138,9 @@ void accumulate_xtx(const at::Tensor& acc, const at::Tensor& x_in, const std::op
     return finish();
   }
   if (d <= kScratchMaxD) t.scratch = at::empty({d, d}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat && !mask.defined()) {
+  if (x.scalar_type() == at::kFloat && !mask.defined() && syrk_usable(x, t)) {
+    syrk_chunks(x, kTokenChunk, t);  // every chunk in one parallel region
+  } else if (x.scalar_type() == at::kFloat && !mask.defined()) {
     for (int64_t s = 0; s < n; s += kTokenChunk) chunk_products(x.narrow(0, s, std::min(kTokenChunk, n - s)), t);
   } else {
     const Activation a = activation_of(x);

@@ -127,7 +127,8 @@ def stability_tables(stab: dict[str, Any]) -> str:
         t = stab["training"]
         out.append("\n**Across training** (uniform LoRA; adapter merged after each epoch; τ-b against before training)\n")
         out.append("| epoch | τ-b vs epoch 0 | τ-b vs previous | modules with another rank |\n|---|---|---|---|")
-        out += [f"| {k} | {t['tau_vs_start'][k]:.3f} | {t['tau_vs_previous'].get(k, float('nan')):.3f} | "
+        prev = t["tau_vs_previous"]
+        out += [f"| {k} | {t['tau_vs_start'][k]:.3f} | {f'{prev[k]:.3f}' if k in prev else '—'} | "
                 f"{t['rank_changes_vs_start'][k]} |" for k in t["tau_vs_start"]]
     return "\n".join(out)
 

@@ -1,0 +1,92 @@
+// XᵀX of one token chunk with a BLAS SYRK (half the flops of a GEMM), for the
+// fp32 path of accumulate_xtx.
+//
+// torch's MKL exports no SYRK, so the routine comes from the OpenBLAS that
+// scipy ships: sensitivity_lora/_native.py hands over the Fortran ssyrk/sgemm
+// of scipy.linalg.cython_blas and OpenBLAS's thread-count setter. OpenBLAS's
+// own thread pool fights torch's OpenMP threads on a small machine, so it is
+// set to one thread for the call and the work is split here instead, in ONE
+// OpenMP region for all token chunks: thread p owns the output columns [c_p, c_{p+1}) of
+// the upper triangle (a rectangle by sgemm plus a diagonal triangle by ssyrk,
+// bounds at d·sqrt(p/T) so the areas are equal) and adds its own fp32 block
+// into the fp64 accumulator while it is still in cache. (A finer, dynamically
+// scheduled grid of tiles measured no better on 2 cores, loaded or not.)
+#include <omp.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sensitivity_lora::cpu {
+namespace {
+
+// Fortran BLAS signatures (all arguments by pointer).
+using SyrkFn = void (*)(const char* uplo, const char* trans, const int* n, const int* k, const float* alpha,
+                        const float* a, const int* lda, const float* beta, float* c, const int* ldc);
+using GemmFn = void (*)(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                        const int* ldc);
+using SetThreadsFn = int (*)(int);
+
+struct ExternalBlas {
+  SyrkFn syrk = nullptr;
+  GemmFn gemm = nullptr;
+  SetThreadsFn set_threads = nullptr;  // returns the previous count
+};
+
+ExternalBlas g_blas;  // set at import (single-threaded), read-only afterwards
+
+constexpr int64_t kMinPartWidth = 128;  // narrower column parts are not worth a thread
+
+}  // namespace
+
+void set_external_syrk(void* syrk, void* gemm, void* set_threads) {
+  if (syrk == nullptr || gemm == nullptr || set_threads == nullptr) {
+    g_blas = ExternalBlas{};
+    return;
+  }
+  g_blas = ExternalBlas{reinterpret_cast<SyrkFn>(syrk), reinterpret_cast<GemmFn>(gemm),
+                        reinterpret_cast<SetThreadsFn>(set_threads)};
+}
+
+bool external_syrk_usable(int64_t rows, int64_t d, int64_t ldx) {
+  return g_blas.syrk != nullptr && rows <= INT_MAX && d <= INT_MAX && ldx <= INT_MAX;
+}
+
+void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chunk, float* scratch, double* acc,
+              int64_t ld_acc, double* diag, int threads) {
+  const int parts = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(threads, d / kMinPartWidth), 1, 256));
+  std::vector<int64_t> bound(parts + 1);
+  for (int p = 0; p <= parts; ++p) {  // equal areas of the triangle, on multiples of 16
+    const int64_t c = std::llround(static_cast<double>(d) * std::sqrt(static_cast<double>(p) / parts));
+    bound[p] = p == parts ? d : std::min(d, (c + 8) / 16 * 16);
+  }
+  // x (rows × d, row-major) is the column-major d × rows matrix A, so A·Aᵀ = XᵀX;
+  // column-major "lower" of the scratch is its row-major upper triangle.
+  const int lda = static_cast<int>(ldx), ldc = static_cast<int>(d);
+  const float one = 1.0f, zero = 0.0f;
+  const int previous = g_blas.set_threads(1);  // OpenBLAS runs in the calling thread
+  // The parts write disjoint columns, so every chunk runs in this one region without barriers.
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+  for (int p = 0; p < parts; ++p) {
+    const int64_t j0 = bound[p], nj = bound[p + 1] - bound[p];
+    if (nj == 0) continue;
+    const int n = static_cast<int>(nj), m0 = static_cast<int>(j0);
+    for (int64_t s = 0; s < rows; s += chunk) {
+      const int k = static_cast<int>(std::min(chunk, rows - s));
+      const float* xs = x + s * ldx;
+      g_blas.syrk("L", "N", &n, &k, &one, xs + j0, &lda, &zero, scratch + j0 * d + j0, &ldc);
+      if (j0 > 0)  // rows [0, j0) of these columns: the column-major block (J, [0, j0))
+        g_blas.gemm("N", "T", &n, &m0, &k, &one, xs + j0, &lda, xs, &lda, &zero, scratch + j0, &ldc);
+      add_block_f32_to_f64(scratch + j0, d, acc + j0, ld_acc, j0, nj, false, nullptr, 1);
+      add_block_f32_to_f64(scratch + j0 * d + j0, d, acc + j0 * ld_acc + j0, ld_acc, nj, nj, true,
+                           diag != nullptr ? diag + j0 : nullptr, 1);
+    }
+  }
+  g_blas.set_threads(previous);
+}
+
+}  // namespace sensitivity_lora::cpu
