@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Allocation": "allocation", "allocate": "allocation", "kendall_tau": "allocation",
+    "Allocation": "result", "allocate": "allocation", "kendall_tau": "result",
     "CalibrationStatistics": "capture", "calibrate": "capture",
     "MetricSettings": "metrics", "ModuleMetrics": "metrics",
     "RankMismatchError": "peft_integration", "lora_config": "peft_integration", "verify_ranks": "peft_integration",

@@ -1,4 +1,4 @@
-"""From metrics to ranks (METHOD.md §4, §5): σ/μ² fusion, SRA / PRA / uniform, the result type.
+"""From metrics to ranks (METHOD.md §4, §5): σ/μ² fusion, SRA / PRA / uniform, the entry point `allocate`.
 
 Everything here is deterministic numpy on a few hundred numbers; ties are
 broken by module order (the insertion order of the metrics mapping, which is
@@ -6,22 +6,19 @@ model order).
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from numbers import Integral, Real
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .metrics import ModuleMetrics
+from .result import Allocation, ModuleAllocation, kendall_tau  # noqa: F401  (the result type lives there)
 
 METHODS = ("sra", "pra", "uniform")
 FUSIONS = ("sigma_mu2", "global", "local", "equal")
 BUDGET_MODES = ("rank", "params")
-TOP_FRACTION = 0.05  # concentration: the share of the ranks held by this fraction of the modules
 
 # Fractional parts are compared after rounding to this many decimals, so values
 # meant to be equal but differing in the last bits tie and fall back to module order.
@@ -269,106 +266,6 @@ def allocate_uniform(n_modules: int, avg_rank: float, r_min: int | np.ndarray = 
     return np.clip(np.full(n_modules, int(avg_rank), dtype=np.int64), lo, hi)
 
 
-# ---------------------------------------------------------------- the result
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy: numpy scalars to Python, tuples to lists, non-finite floats to strings."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf", "-inf", "nan": standard JSON has no such numbers
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-@dataclass
-class ModuleAllocation:
-    """One module's rank, θ, metrics, shape, input group, and which bound it sits at ("min", "max" or None)."""
-
-    rank: int
-    theta: float
-    trace: float
-    topk: float
-    eff_rank: float
-    d_in: int
-    d_out: int
-    group: str
-    at_bound: str | None = None
-
-
-@dataclass
-class Allocation:
-    """Ranks for every target module (insertion order = model order) and how they were chosen.
-
-    ``budget`` is the target: rank units (round(avg_rank · M)) in rank mode,
-    parameters (floor(avg_rank · Σ(d_in + d_out))) in params mode. PRA and
-    uniform may land off it; :meth:`total_rank` and :meth:`trainable_params`
-    say what was reached.
-    """
-
-    method: str
-    avg_rank: float
-    budget: int
-    budget_mode: str
-    settings: dict = field(default_factory=dict)
-    modules: dict[str, ModuleAllocation] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.settings = _plain(self.settings)
-
-    def ranks(self) -> dict[str, int]:
-        return {name: m.rank for name, m in self.modules.items()}
-
-    def total_rank(self) -> int:
-        return sum(m.rank for m in self.modules.values())
-
-    def trainable_params(self) -> int:
-        """Σ r · (d_in + d_out): the LoRA A and B parameters."""
-        return sum(m.rank * (m.d_in + m.d_out) for m in self.modules.values())
-
-    def concentration(self) -> dict[str, Any]:
-        """How concentrated the ranks are: the share of Σ rank held by the top 5 % of modules
-        (max(1, floor(0.05 · M)) modules, by rank), and how many modules sit at r_min and at r_max."""
-        ranks = sorted((m.rank for m in self.modules.values()), reverse=True)
-        top = max(1, math.floor(TOP_FRACTION * len(ranks)))
-        total = sum(ranks)
-        bounds = [m.at_bound for m in self.modules.values()]
-        return {"top_fraction": TOP_FRACTION, "top_modules": top,
-                "top5_share": (sum(ranks[:top]) / total) if total else 0.0,
-                "at_min": bounds.count("min"), "at_max": bounds.count("max")}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; ``concentration``, ``total_rank`` and ``trainable_params`` are derived."""
-        return {"method": self.method, "avg_rank": self.avg_rank, "budget": self.budget,
-                "budget_mode": self.budget_mode, "total_rank": self.total_rank(),
-                "trainable_params": self.trainable_params(), "settings": _plain(self.settings),
-                "concentration": self.concentration(),
-                "modules": {name: asdict(m) for name, m in self.modules.items()}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Allocation":
-        known = {f.name for f in fields(ModuleAllocation)}
-        try:
-            modules = {name: ModuleAllocation(**{k: v for k, v in m.items() if k in known})
-                       for name, m in data["modules"].items()}
-            return cls(method=data["method"], avg_rank=data["avg_rank"], budget=data["budget"],
-                       budget_mode=data["budget_mode"], settings=dict(data.get("settings", {})), modules=modules)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"not an allocation (as written by Allocation.save): {exc}") from exc
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Allocation":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
 # ---------------------------------------------------------------- the entry point
 
 def _module_caps(metrics: list[ModuleMetrics], avg_rank: float, rho: float, r_max: int | None) -> np.ndarray:
@@ -450,19 +347,3 @@ def allocate(
                                          group=str(m.group), at_bound=at_bound)
     return Allocation(method=method, avg_rank=float(avg_rank), budget=int(budget), budget_mode=budget_mode,
                       settings=settings, modules=modules)
-
-
-def kendall_tau(a: Allocation, b: Allocation) -> float:
-    """Kendall's τ-b between the θ orderings of two allocations over their common modules.
-
-    NaN when θ is constant in either (the ordering is undefined).
-    """
-    from scipy.stats import kendalltau
-
-    common = [name for name in a.modules if name in b.modules]
-    if len(common) < 2:
-        raise ValueError(f"the allocations share {len(common)} module(s); Kendall's τ needs at least 2 "
-                         "(were they computed for the same model and target_modules?)")
-    x = [a.modules[n].theta for n in common]
-    y = [b.modules[n].theta for n in common]
-    return float(kendalltau(x, y, variant="b").statistic)

@@ -124,7 +124,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .allocation import Allocation, kendall_tau
+    from .result import Allocation, kendall_tau
 
     a, b = Allocation.load(args.a), Allocation.load(args.b)
     common = [n for n in a.modules if n in b.modules]

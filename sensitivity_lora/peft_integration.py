@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .allocation import Allocation
+from .result import Allocation
 
 
 class RankMismatchError(RuntimeError):

@@ -1,16 +1,17 @@
-// XᵀX of one token chunk with a BLAS SYRK (half the flops of a GEMM), for the
-// fp32 path of accumulate_xtx.
+// XᵀX with a BLAS SYRK (half the flops of a GEMM), for the fp32 products of
+// accumulate_xtx.
 //
 // torch's MKL exports no SYRK, so the routine comes from the OpenBLAS that
 // scipy ships: sensitivity_lora/_native.py hands over the Fortran ssyrk/sgemm
 // of scipy.linalg.cython_blas and OpenBLAS's thread-count setter. OpenBLAS's
 // own thread pool fights torch's OpenMP threads on a small machine, so it is
 // set to one thread for the call and the work is split here instead, in ONE
-// OpenMP region for all token chunks: thread p owns the output columns [c_p, c_{p+1}) of
-// the upper triangle (a rectangle by sgemm plus a diagonal triangle by ssyrk,
-// bounds at d·sqrt(p/T) so the areas are equal) and adds its own fp32 block
-// into the fp64 accumulator while it is still in cache. (A finer, dynamically
-// scheduled grid of tiles measured no better on 2 cores, loaded or not.)
+// OpenMP region for all token chunks: thread p owns the output columns
+// [c_p, c_{p+1}) of the upper triangle (a rectangle by sgemm plus a diagonal
+// triangle by ssyrk; c_p = d·sqrt(p/T), so the areas are equal) and, per
+// token chunk, adds its fp32 block into the fp64 accumulator while it is
+// still in cache. (A finer, dynamically scheduled grid of tiles measured no
+// better on 2 cores, loaded or not.)
 #include <omp.h>
 
 #include <algorithm>
@@ -37,7 +38,9 @@ struct ExternalBlas {
   SetThreadsFn set_threads = nullptr;  // returns the previous count
 };
 
-ExternalBlas g_blas;  // set at import (single-threaded), read-only afterwards
+// Set from Python (sensitivity_lora._native.use_external_syrk); not to be
+// changed while an accumulate_xtx is running.
+ExternalBlas g_blas;
 
 constexpr int64_t kMinPartWidth = 128;  // narrower column parts are not worth a thread
 
@@ -68,7 +71,8 @@ void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chun
   // column-major "lower" of the scratch is its row-major upper triangle.
   const int lda = static_cast<int>(ldx), ldc = static_cast<int>(d);
   const float one = 1.0f, zero = 0.0f;
-  const int previous = g_blas.set_threads(1);  // OpenBLAS runs in the calling thread
+  const ExternalBlas blas = g_blas;
+  const int previous = blas.set_threads(1);  // OpenBLAS runs in the calling thread
   // The parts write disjoint columns, so every chunk runs in this one region without barriers.
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
   for (int p = 0; p < parts; ++p) {
@@ -78,15 +82,15 @@ void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chun
     for (int64_t s = 0; s < rows; s += chunk) {
       const int k = static_cast<int>(std::min(chunk, rows - s));
       const float* xs = x + s * ldx;
-      g_blas.syrk("L", "N", &n, &k, &one, xs + j0, &lda, &zero, scratch + j0 * d + j0, &ldc);
+      blas.syrk("L", "N", &n, &k, &one, xs + j0, &lda, &zero, scratch + j0 * d + j0, &ldc);
       if (j0 > 0)  // rows [0, j0) of these columns: the column-major block (J, [0, j0))
-        g_blas.gemm("N", "T", &n, &m0, &k, &one, xs + j0, &lda, xs, &lda, &zero, scratch + j0, &ldc);
+        blas.gemm("N", "T", &n, &m0, &k, &one, xs + j0, &lda, xs, &lda, &zero, scratch + j0, &ldc);
       add_block_f32_to_f64(scratch + j0, d, acc + j0, ld_acc, j0, nj, false, nullptr, 1);
       add_block_f32_to_f64(scratch + j0 * d + j0, d, acc + j0 * ld_acc + j0, ld_acc, nj, nj, true,
                            diag != nullptr ? diag + j0 : nullptr, 1);
     }
   }
-  g_blas.set_threads(previous);
+  blas.set_threads(previous);
 }
 
 }  // namespace sensitivity_lora::cpu
