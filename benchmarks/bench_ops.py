@@ -4,7 +4,8 @@
 
 Groups are ``<op>/<size>/<dtype>``; the last test prints a table of medians and of ratios to the
 reference and to the baselines (``H.addmm_(x.T, x)`` in fp32, ``torch.linalg.cholesky``), which
-is what benchmarks/RESULTS.md records. Without ``SL_BENCH_FULL`` a small grid runs; under
+is what benchmarks/RESULTS.md records. The cpu ``accumulate_xtx`` runs on its default product path
+(scipy's OpenBLAS SYRK when available, else at::mm blocks; see ``_native.use_external_syrk``). Without ``SL_BENCH_FULL`` a small grid runs; under
 ``--benchmark-disable`` (CI) every function runs once, as a smoke test of every backend.
 """
 from __future__ import annotations

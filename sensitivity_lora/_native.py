@@ -123,7 +123,8 @@ def use_external_syrk(enabled: bool = True) -> bool:
     """Whether the cpu ``accumulate_xtx`` uses scipy's OpenBLAS SYRK for fp32 products; returns if it does.
 
     On by default when scipy's BLAS is OpenBLAS (a SYRK does half a GEMM's flops; torch's MKL exports
-    none). Off, or without it, the upper-triangle blocks are at::mm GEMMs. Process-wide setting.
+    none). Off, or without it, the upper-triangle blocks are at::mm GEMMs. Process-wide setting;
+    during each call OpenBLAS's own thread count is 1 (torch's threads split the work), then restored.
     """
     global _SYRK_STATE
     found = _openblas_syrk() if enabled else None

@@ -25,7 +25,8 @@ def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str =
     """The effective rank of every target's LoRA layer, in ``targets`` order.
 
     For AdaLoRA the rank is the number of singular values its final mask keeps
-    (``rank_pattern``); before the mask exists it is the initial rank.
+    (``rank_pattern``); before the mask exists it is the initial rank. A target
+    without a LoRA layer (EVA can give a module no rank at all) has rank 0.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -45,10 +46,10 @@ def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str =
             if mask is not None:
                 rank = int(sum(bool(x) for x in mask))
         found[target] = rank
-    missing = [t for t in targets if t not in found]
-    if missing:
-        raise ValueError(f"{len(missing)} target modules have no LoRA layer (first: {missing[0]})")
-    return {t: found[t] for t in targets}
+    if not found:
+        raise ValueError("the model has no LoRA layer on any target module: was the adapter built?")
+    # a target without a LoRA layer has rank 0: EVA drops modules whose share of the budget is zero
+    return {t: found.get(t, 0) for t in targets}
 
 
 def _mask_owner(key: str, adapter_name: str) -> str:
