@@ -48,8 +48,8 @@ def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_
     )
 
 
-def _allocated_name(peft_name: str, names: set[str]) -> str | None:
-    """The allocated module a (possibly prefixed) PEFT module name refers to."""
+def base_module_name(peft_name: str, names: set[str]) -> str | None:
+    """Which of ``names`` a (possibly prefixed, e.g. ``base_model.model.``) PEFT module name refers to."""
     parts = peft_name.split(".")
     for start in range(len(parts)):
         candidate = ".".join(parts[start:])
@@ -69,7 +69,7 @@ def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: st
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
             continue
-        target = _allocated_name(name, names)
+        target = base_module_name(name, names)
         if target is None:
             problems.append(f"{name} has a LoRA layer but no allocation")
             continue

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..peft_integration import base_module_name
 from ..targets import module_dims
-
-
-def _strip_peft_prefix(name: str, targets: set[str]) -> str | None:
-    parts = name.split(".")
-    for start in range(len(parts)):
-        candidate = ".".join(parts[start:])
-        if candidate in targets:
-            return candidate
-    return None
 
 
 def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str = "default") -> dict[str, int]:
@@ -36,13 +28,13 @@ def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str =
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
             continue
-        target = _strip_peft_prefix(name, wanted)
+        target = base_module_name(name, wanted)
         if target is None:
             continue
         rank = int(module.r[adapter_name])
         if pattern is not None:
             mask = next((m for key, m in pattern.items()
-                         if _strip_peft_prefix(_mask_owner(key, adapter_name), wanted) == target), None)
+                         if base_module_name(_mask_owner(key, adapter_name), wanted) == target), None)
             if mask is not None:
                 rank = int(sum(bool(x) for x in mask))
         found[target] = rank
@@ -72,7 +64,7 @@ def target_dims(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, in
     wanted = set(targets)
     dims: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        target = _strip_peft_prefix(name, wanted)
+        target = base_module_name(name, wanted)
         if target is None or target in dims:
             continue
         base = getattr(module, "base_layer", module)  # a LoRA-wrapped layer keeps the original inside
