@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -222,7 +222,6 @@ def calibrate(
             hooks.context.set(mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]))
             model(**kwargs, **extra)
             seen_batches += 1
-        hooks.context.seen.clear()
     if seen_batches == 0:
         raise CalibrationError("no calibration batches were given; pass at least one batch of text")
     missing = [n for n in names if n not in hooks.module_group]
@@ -241,5 +240,8 @@ def _progress(batches: Iterable, enabled: bool):
         return batches
     from tqdm.auto import tqdm
 
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # generators, DataLoaders over iterable datasets
+        total = None
     return tqdm(batches, total=total, desc="calibrating", unit="batch")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,9 +37,10 @@ def _add_allocate(sub) -> None:
     p.add_argument("--max-samples", type=int, default=64, help="calibration samples (texts)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--target-modules", nargs="+", help="module names as PEFT matches them (e.g. q_proj v_proj); "
+    targets = p.add_mutually_exclusive_group()
+    targets.add_argument("--target-modules", nargs="+", help="module names as PEFT matches them (e.g. q_proj v_proj); "
                                                         "default: every linear layer in the transformer blocks")
-    p.add_argument("--target-regex", help="a regex matched against full module names (instead of --target-modules)")
+    targets.add_argument("--target-regex", help="a regex matched against full module names (instead of --target-modules)")
     p.add_argument("--scope", choices=("matrix", "row", "eigen"), default="matrix")
     p.add_argument("--topk", type=_topk, default=0.5, help="top-k: a fraction of m in (0, 1] or an integer k")
     p.add_argument("--alpha", type=float, default=0.85, help="effective-rank energy threshold α in (0, 1]")
@@ -99,7 +99,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                                n_samples=len(texts), seq_len=args.seq_len, scoring_seconds=round(t2 - t1, 3))
     out.mkdir(parents=True, exist_ok=True)
     allocation.save(out / "allocation.json")
-    task_type = "CAUSAL_LM" if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__ else None
+    task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
     config = lora_config(allocation, args.lora_alpha, task_type=task_type)
     if args.model is None:
         from .models import default_model_dir
@@ -121,6 +121,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     print(f"calibration + scoring {t2 - t1:.1f} s on {len(texts)} samples (total {time.perf_counter() - t0:.1f} s); "
           f"wrote {', '.join(str(out / f) for f in files)}")
     return 0
+
+
+def _is_causal_lm(model) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

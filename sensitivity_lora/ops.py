@@ -76,7 +76,8 @@ def unavailable_reason(op: str, backend: str) -> str:
 
 def _auto(op: str, device: torch.device) -> str:
     global _WARNED
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    # compiled kernels exist for CPU and CUDA tensors only; anything else (mps, xpu, ...) uses the reference
+    order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
     for backend in order:
         if available(op, backend):
             return backend

@@ -6,8 +6,9 @@ regex-escaped module paths, and :func:`verify_ranks` checks the built model.
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -18,32 +19,47 @@ class RankMismatchError(RuntimeError):
     """A PEFT model's LoRA layers do not carry the allocated ranks."""
 
 
+RESERVED_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+
+
+def check_lora_kwargs(lora_kwargs: Mapping[str, Any]) -> None:
+    """Reject LoraConfig fields the allocation sets itself (checked before any calibration)."""
+    for key in RESERVED_KEYS:
+        if key in lora_kwargs:
+            hint = "pass lora_alpha= on its own" if key == "lora_alpha" else "the allocation sets it"
+            raise ValueError(f"{key!r} cannot be given in the LoRA keyword arguments: {hint}")
+
+
 def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_kwargs: Any):
     """A ``peft.LoraConfig`` that gives every allocated module its rank.
 
     ``lora_alpha`` is the alpha the user would give uniform LoRA at rank
-    ``avg_rank`` (default ``2 * avg_rank``); each module gets
-    ``alpha_w = lora_alpha * r_w / avg_rank`` so that alpha_w / r_w, the
-    step-size scale, is the same for every module. Other keyword arguments
-    (``lora_dropout``, ``task_type``, ``bias``, ``modules_to_save``, ...) go to LoraConfig.
+    ``avg_rank`` (default ``2 * avg_rank``). Each module's alpha keeps its
+    step-size scale equal to uniform LoRA's: ``alpha_w = lora_alpha * r_w / avg_rank``
+    (scale alpha/r), or ``lora_alpha * sqrt(r_w / avg_rank)`` with ``use_rslora=True``
+    (scale alpha/√r). Other keyword arguments (``lora_dropout``, ``task_type``,
+    ``bias``, ``modules_to_save``, ...) go to LoraConfig.
     """
     from peft import LoraConfig
 
-    for key in ("r", "target_modules", "rank_pattern", "alpha_pattern"):
-        if key in lora_kwargs:
-            raise ValueError(f"{key!r} is set by the allocation; do not pass it")
+    check_lora_kwargs(lora_kwargs)
     avg = float(allocation.avg_rank)
     alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * avg
     if alpha <= 0:
         raise ValueError(f"lora_alpha must be positive, got {alpha}")
+    rslora = bool(lora_kwargs.get("use_rslora", False))
+
+    def module_alpha(r: int) -> float:
+        return alpha * math.sqrt(r / avg) if rslora else alpha * r / avg
+
     ranks = allocation.ranks()
     default_rank = max(1, int(round(avg)))
     return LoraConfig(
         r=default_rank,
-        lora_alpha=alpha * default_rank / avg,
+        lora_alpha=module_alpha(default_rank),
         target_modules=list(ranks),
         rank_pattern={re.escape(name): r for name, r in ranks.items()},
-        alpha_pattern={re.escape(name): alpha * r / avg for name, r in ranks.items()},
+        alpha_pattern={re.escape(name): module_alpha(r) for name, r in ranks.items()},
         **lora_kwargs,
     )
 
@@ -65,6 +81,7 @@ def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: st
     expected = allocation.ranks()
     names = set(expected)
     found: dict[str, int] = {}
+    scales: dict[str, float] = {}
     problems = []
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
@@ -75,9 +92,14 @@ def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: st
             continue
         rank = int(module.r[adapter_name])
         found[target] = rank
+        scales[target] = float(module.scaling[adapter_name])
         if rank != expected[target]:
             problems.append(f"{target}: rank {rank}, allocated {expected[target]}")
     problems += [f"{n}: no LoRA layer (allocated rank {expected[n]})" for n in expected if n not in found]
+    if scales and max(scales.values()) > min(scales.values()) * (1 + 1e-6):
+        low, high = min(scales, key=scales.get), max(scales, key=scales.get)
+        problems.append(f"step-size scales differ: {low} {scales[low]:.4g} vs {high} {scales[high]:.4g} "
+                        "(set alpha_pattern with lora_config, which keeps them equal)")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise RankMismatchError(f"the PEFT model does not match the allocation: {shown}")

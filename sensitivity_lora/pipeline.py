@@ -87,10 +87,15 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
     """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified."""
     from peft import get_peft_model as peft_get_peft_model
 
-    from .peft_integration import lora_config, verify_ranks
+    from .peft_integration import check_lora_kwargs, lora_config, verify_ranks
 
+    check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
     config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
     peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
-    verify_ranks(peft_model, allocation, adapter_name)
+    try:
+        verify_ranks(peft_model, allocation, adapter_name)
+    except BaseException:
+        peft_model.unload()  # PEFT injected layers into ``model`` in place: take them out again
+        raise
     return peft_model, allocation

@@ -164,3 +164,20 @@ def test_lm_head_as_explicit_target_sees_every_token():
     assert "lm_head" in stats.dims
     oracle = _oracle_sumsq(model, batches, ["lm_head"])
     torch.testing.assert_close(stats.groups[stats.module_group["lm_head"]].sumsq, oracle["lm_head"], rtol=1e-5, atol=1e-8)
+
+
+def test_progress_bar_accepts_unsized_data():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from random_batches(2)
+
+    stats = calibrate(tiny_llama(), DataLoader(Stream(), batch_size=None), progress=True)
+    assert len(stats.groups) == 8
+
+
+def test_unknown_devices_use_the_reference_ops():
+    from sensitivity_lora import ops
+
+    assert ops.resolve_backend("accumulate_sumsq", torch.device("meta")) == "reference"

@@ -44,7 +44,7 @@ def test_config_keys_are_full_escaped_paths_and_alpha_keeps_the_scale():
         assert config.alpha_pattern[key] == pytest.approx(12 * r / 4)
     # layer 1's keys must not match layer 11-style names (escaped dots, full paths)
     assert not re.fullmatch(re.escape("model.layers.1.mlp.up_proj"), "model.layers.11.mlp.up_proj")
-    with pytest.raises(ValueError, match="set by the allocation"):
+    with pytest.raises(ValueError, match="the allocation sets it"):
         lora_config(allocation, r=8)
 
 
@@ -66,3 +66,35 @@ def test_model_weights_unchanged_by_allocation():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _allocation(model, hessian="full", scope="eigen")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rslora_keeps_the_scale_equal_and_verify_checks_scales():
+    from peft import get_peft_model as peft_get
+
+    model = tiny_llama()
+    allocation = _allocation(model)
+    peft_model = peft_get(model, lora_config(allocation, lora_alpha=8, use_rslora=True))
+    verify_ranks(peft_model, allocation)  # equal alpha_w / sqrt(r_w) everywhere
+    from peft.tuners.lora import LoraLayer
+
+    scales = {round(m.scaling["default"], 9) for m in peft_model.modules() if isinstance(m, LoraLayer)}
+    assert scales == {round(8 / 4**0.5, 9)}
+    config = lora_config(allocation, lora_alpha=8)
+    config.use_rslora = True  # alpha_pattern computed for alpha/r, used with alpha/sqrt(r): scales differ
+    with pytest.raises(RankMismatchError, match="scales differ"):
+        verify_ranks(peft_get(tiny_llama(), config), allocation)
+
+
+def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(monkeypatch):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="lora_alpha"):
+        get_peft_model(model, [], avg_rank=4, lora_kwargs={"lora_alpha": 16})  # [] would fail calibration
+    import sensitivity_lora.peft_integration as pi
+
+    def refuse(*args, **kwargs):
+        raise RankMismatchError("forced")
+
+    monkeypatch.setattr(pi, "verify_ranks", refuse)
+    with pytest.raises(RankMismatchError):
+        get_peft_model(model, random_batches(1), avg_rank=4, progress=False)
+    assert all(type(m).__module__.startswith(("torch", "transformers")) for m in model.modules())
