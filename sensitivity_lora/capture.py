@@ -216,7 +216,7 @@ def calibrate(
     extra = forward_kwargs(model, modules.values())
     seen_batches = 0
     with preserved_state(model), StatisticsHooks(modules, hessian, backend) as hooks:
-        for index, batch in enumerate(_progress(batches, progress)):
+        for index, batch in enumerate(progress_bar(batches, progress)):
             kwargs, mask = prepare_batch(batch, device, index)
             ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             hooks.context.set(mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]))
@@ -235,13 +235,14 @@ def calibrate(
     return hooks.result(dims)
 
 
-def _progress(batches: Iterable, enabled: bool):
+def progress_bar(items: Iterable, enabled: bool, desc: str = "calibrating", unit: str = "batch") -> Iterable:
+    """``items`` wrapped in a tqdm bar when ``enabled`` (any iterable, sized or not)."""
     if not enabled:
-        return batches
+        return items
     from tqdm.auto import tqdm
 
     try:
-        total = len(batches)  # type: ignore[arg-type]
+        total = len(items)  # type: ignore[arg-type]
     except TypeError:  # generators, DataLoaders over iterable datasets
         total = None
-    return tqdm(batches, total=total, desc="calibrating", unit="batch")
+    return tqdm(items, total=total, desc=desc, unit=unit)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .capture import (CalibrationStatistics, StatisticsHooks, calibrate, forward_kwargs, model_device,
-                      prepare_batch, preserved_state)
+                      prepare_batch, preserved_state, progress_bar)
 from .statistics import HESSIAN_MODES, CalibrationError
 from .targets import block_containers, module_dims, resolve_targets
 
@@ -91,14 +91,6 @@ def plan_streaming(model: nn.Module, names: Sequence[str]) -> StreamPlan:
         targets.setdefault(int(index), {})[name] = lookup[name]
     return StreamPlan(container, blocks, dict(sorted(targets.items())),
                       {n: module_dims(lookup[n]) for n in names})
-
-
-def _bar(items: Iterable, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=len(items) if hasattr(items, "__len__") else None, desc=desc)
 
 
 def _batch_digest(hasher: "hashlib._Hash", batch: Mapping[str, Any]) -> None:
@@ -172,7 +164,7 @@ def _capture(model: nn.Module, plan: StreamPlan, batches: Iterable, last: int, d
     hasher = hashlib.sha256()
     cached: list[_CachedBatch] = []
     pin = cache_device.type == "cpu" and device.type == "cuda"
-    for index, batch in enumerate(_bar(batches, progress, "capturing")):
+    for index, batch in enumerate(progress_bar(batches, progress, "capturing")):
         _batch_digest(hasher, batch)
         kwargs, mask = prepare_batch(batch, device, index)
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -335,7 +327,7 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
                 yield BlockStatistics(index, stats, from_checkpoint=True)
         # the rest in order; finished blocks before them only run forward, to make the next inputs
         steps = range(0, max(todo) + 1 if todo else 0)
-        for index in _bar(steps, progress and len(steps) > 1, "blocks"):
+        for index in progress_bar(steps, progress and len(steps) > 1, "blocks", "block"):
             block = plan.blocks[index]
             with _on_device([block], device if offload else None):
                 if index not in todo:
