@@ -38,6 +38,40 @@ def _check_settings(avg_rank: float, hessian: str, settings: MetricSettings) -> 
         raise ValueError("scope='eigen' needs the full Hessian: use hessian='full'")
 
 
+def allocation_from_statistics(
+    parts: Iterable[CalibrationStatistics],
+    avg_rank: float = 8,
+    method: str = "sra",
+    hessian: str = "diag",
+    scope: str = "matrix",
+    topk: float | int = 0.5,
+    alpha: float = 0.85,
+    fusion: str = "sigma_mu2",
+    r_min: int = 1,
+    rho: float = 4.0,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    tiers: int = 3,
+    backend: str | None = None,
+) -> Allocation:
+    """Score the statistics part by part (the whole model, or one block at a time) and allocate.
+
+    Scoring a module reads only its own input group, so scoring per block equals
+    scoring the whole model at once; each part is released before the next is made.
+    """
+    settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
+    metrics: dict[str, ModuleMetrics] = {}
+    n_tokens = n_groups = 0
+    for part in parts:
+        metrics.update(score_modules(part, settings, backend=backend))
+        n_tokens = max(n_tokens, part.n_tokens)
+        n_groups += len(part.groups)
+        del part  # let this part's Hessians go before the next block is computed
+    extra = {"hessian": hessian, "scope": scope, "topk": topk, "alpha": alpha, "n_tokens": n_tokens, "n_groups": n_groups}
+    return allocate(metrics, avg_rank, method=method, fusion=fusion, r_min=r_min, rho=rho, r_max=r_max,
+                    budget_mode=budget_mode, tiers=tiers, extra_settings=extra)
+
+
 def compute_allocation(
     model: nn.Module,
     batches: Batches,
@@ -58,27 +92,28 @@ def compute_allocation(
     progress: bool = True,
     streaming: bool = False,
     checkpoint_dir: str | None = None,
+    device: torch.device | str | None = None,
+    cache_device: torch.device | str | None = None,
 ) -> Allocation:
     """Calibrate ``model`` on ``batches`` and allocate LoRA ranks (METHOD.md; defaults are the method's).
 
     ``streaming=True`` runs the model one block at a time (same result, memory of one
-    block's statistics; see ``streaming.compute_allocation_streaming`` for offloading),
-    and ``checkpoint_dir`` makes such a run resumable.
+    block's statistics); ``checkpoint_dir`` makes such a run resumable; ``device`` moves
+    each block there while it runs and ``cache_device`` holds the cached activations
+    (both imply streaming).
     """
-    if streaming or checkpoint_dir is not None:
-        from .streaming import compute_allocation_streaming
+    _check_settings(avg_rank, hessian, MetricSettings(scope=scope, topk=topk, alpha=alpha))
+    if streaming or checkpoint_dir is not None or device is not None or cache_device is not None:
+        from .checkpoint import BlockCheckpoint
+        from .streaming import iter_block_statistics, released
 
-        return compute_allocation_streaming(model, batches, avg_rank, method, hessian, target_modules, scope, topk,
-                                            alpha, fusion, r_min, rho, r_max, budget_mode, tiers, backend, progress,
-                                            checkpoint_dir=checkpoint_dir)
-    settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
-    _check_settings(avg_rank, hessian, settings)
-    stats = calibrate(model, batches, target_modules, hessian, backend, progress)
-    metrics = score_modules(stats, settings, backend=backend)
-    extra = {"hessian": hessian, "scope": scope, "topk": topk, "alpha": alpha,
-             "n_tokens": stats.n_tokens, "n_groups": len(stats.groups)}
-    return allocate(metrics, avg_rank, method=method, fusion=fusion, r_min=r_min, rho=rho, r_max=r_max,
-                    budget_mode=budget_mode, tiers=tiers, extra_settings=extra)
+        checkpoint = BlockCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        parts = released(iter_block_statistics(model, batches, target_modules, hessian, backend, device=device,
+                                               cache_device=cache_device, checkpoint=checkpoint, progress=progress))
+    else:
+        parts = [calibrate(model, batches, target_modules, hessian, backend, progress)]
+    return allocation_from_statistics(parts, avg_rank, method, hessian, scope, topk, alpha, fusion, r_min, rho,
+                                      r_max, budget_mode, tiers, backend)
 
 
 def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,

@@ -355,68 +355,28 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
 
 # ---------------------------------------------------------------- allocation with one block alive at a time
 
-def allocation_from_blocks(blocks: Iterable[BlockStatistics], avg_rank: float = 8, method: str = "sra",
-                           hessian: str = "diag", scope: str = "matrix", topk: float | int = 0.5,
-                           alpha: float = 0.85, fusion: str = "sigma_mu2", r_min: int = 1, rho: float = 4.0,
-                           r_max: int | None = None, budget_mode: str = "rank", tiers: int = 3,
-                           backend: str | None = None):
-    """Score each block as it arrives (its statistics are dropped after) and allocate at the end.
+def _take(block: BlockStatistics) -> CalibrationStatistics:
+    stats, block.stats = block.stats, None
+    return stats
 
-    Scoring per module reads only its own group, so this equals scoring the whole
-    model's statistics at once (``pipeline.compute_allocation``).
-    """
-    from .allocation import allocate
-    from .metrics import MetricSettings
-    from .pipeline import score_modules
 
-    settings = MetricSettings(scope=scope, topk=topk, alpha=alpha)
-    metrics: dict = {}
-    n_tokens, n_groups = 0, 0
+def released(blocks: Iterable[BlockStatistics]) -> Iterator[CalibrationStatistics]:
+    """Each block's statistics, detached from the block so that only the consumer holds them."""
     for block in blocks:
-        metrics.update(score_modules(block.stats, settings, backend=backend))
-        n_tokens = max(n_tokens, block.stats.n_tokens)
-        n_groups += len(block.stats.groups)
-        block.stats = None  # drop the Hessians before the next block is computed
-    extra = {"hessian": hessian, "scope": scope, "topk": topk, "alpha": alpha, "n_tokens": n_tokens, "n_groups": n_groups}
-    return allocate(metrics, avg_rank, method=method, fusion=fusion, r_min=r_min, rho=rho, r_max=r_max,
-                    budget_mode=budget_mode, tiers=tiers, extra_settings=extra)
+        yield _take(block)  # no local keeps a reference while the next block is computed
 
 
-def compute_allocation_streaming(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    avg_rank: float = 8,
-    method: str = "sra",
-    hessian: str = "diag",
-    target_modules: str | Sequence[str] | None = None,
-    scope: str = "matrix",
-    topk: float | int = 0.5,
-    alpha: float = 0.85,
-    fusion: str = "sigma_mu2",
-    r_min: int = 1,
-    rho: float = 4.0,
-    r_max: int | None = None,
-    budget_mode: str = "rank",
-    tiers: int = 3,
-    backend: str | None = None,
-    progress: bool = True,
-    *,
-    device: torch.device | str | None = None,
-    cache_device: torch.device | str | None = None,
-    checkpoint_dir: str | None = None,
-):
-    """``pipeline.compute_allocation`` streamed block by block (same arguments, same result).
+def allocation_from_blocks(blocks: Iterable[BlockStatistics], avg_rank: float = 8, **allocation_kwargs: Any):
+    """``pipeline.allocation_from_statistics`` over streamed blocks (scored one at a time)."""
+    from .pipeline import allocation_from_statistics
 
-    ``checkpoint_dir`` makes the run resumable: finished blocks are saved there and
-    a rerun with the same model, data and settings continues after the last one.
-    """
-    from .checkpoint import BlockCheckpoint
-    from .metrics import MetricSettings
-    from .pipeline import _check_settings
+    return allocation_from_statistics(released(blocks), avg_rank, **allocation_kwargs)
 
-    _check_settings(avg_rank, hessian, MetricSettings(scope=scope, topk=topk, alpha=alpha))
-    checkpoint = BlockCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    blocks = iter_block_statistics(model, batches, target_modules, hessian, backend, device=device,
-                                   cache_device=cache_device, checkpoint=checkpoint, progress=progress)
-    return allocation_from_blocks(blocks, avg_rank, method, hessian, scope, topk, alpha, fusion, r_min, rho,
-                                  r_max, budget_mode, tiers, backend)
+
+def compute_allocation_streaming(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+                                 avg_rank: float = 8, **kwargs: Any):
+    """``pipeline.compute_allocation`` streamed block by block (same arguments and result, plus
+    ``device``, ``cache_device`` and ``checkpoint_dir``)."""
+    from .pipeline import compute_allocation
+
+    return compute_allocation(model, batches, avg_rank, streaming=True, **kwargs)

@@ -16,6 +16,7 @@ import torch
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
 from sensitivity_lora import streaming
 from sensitivity_lora.capture import calibrate
+from sensitivity_lora.pipeline import compute_allocation
 from sensitivity_lora.checkpoint import BlockCheckpoint, CheckpointMismatchError
 from sensitivity_lora.statistics import CalibrationError, GroupStatistics
 from sensitivity_lora.streaming import iter_block_statistics
@@ -99,7 +100,6 @@ def test_sliding_window_layers_get_their_own_mask():
 
 def test_allocation_streaming_equals_compute_allocation():
     pytest.importorskip("sensitivity_lora.allocation")
-    from sensitivity_lora.pipeline import compute_allocation
 
     model, batches = tiny_llama(), random_batches(3)
     for kwargs in ({}, {"hessian": "full", "scope": "eigen"}, {"method": "pra"}):
@@ -132,10 +132,14 @@ def test_one_block_of_hessians_alive_at_a_time(monkeypatch):
         live = sum(ref() is not None for ref in alive)
         assert live == len(block.stats.groups) == 4, f"block {block.index}: {live} accumulators alive"
         block.stats = None  # what the consumers do before asking for the next block
-    for h in handles:
-        h.remove()
     # per block: 3 batches; before the 1st nothing is alive, before the 2nd and 3rd this block's 4 groups
     assert during[-9:] == [0, 4, 4] * 3 and len(alive) == 12
+    # the allocation path scores each block and lets it go before the next one starts
+    during.clear()
+    compute_allocation(model, random_batches(3), avg_rank=4, hessian="full", streaming=True, progress=False)
+    assert during[-9:] == [0, 4, 4] * 3
+    for h in handles:
+        h.remove()
 
 
 class _Block(torch.nn.Module):
