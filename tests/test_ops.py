@@ -168,16 +168,19 @@ def test_xtx_non_contiguous(xtx_for, backend, layout, dtype, masked):
     assert_gram_close(acc, oracle_xtx(x, mask), ACCUMULATION_RTOL)
 
 
-# The SYRK path splits the triangle's columns between the threads (d // 128 parts at most) and runs
-# every chunk in one parallel region: other thread counts must give the same sums.
+# The SYRK path splits the tokens between the threads up to d = 1024 (one scratch per thread, summed
+# per round of 4096-token slices) and the triangle's columns above it (d // 128 parts at most), each
+# in one parallel region: other thread counts must give the same sums.
 @pytest.mark.parametrize("backend", ["cpu-syrk", "cpu-gemm"])
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_xtx_cpu_thread_counts(xtx_for, backend, threads, dtype):
+@pytest.mark.parametrize("shape", [(4200, 700), (13000, 130), (700, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_xtx_cpu_thread_counts(xtx_for, backend, threads, dtype, shape):
     fn = xtx_for(backend)
-    x = activation(4200, 700, dtype, _seed("xtx-threads", backend, threads, dtype))
-    mask = token_mask(4200, "random", 5) if dtype == torch.bfloat16 else None
-    acc, diag = torch.zeros(700, 700, dtype=torch.float64), torch.zeros(700, dtype=torch.float64)
+    n, d = shape
+    x = activation(n, d, dtype, _seed("xtx-threads", backend, threads, dtype, shape))
+    mask = token_mask(n, "random", 5) if dtype == torch.bfloat16 else None
+    acc, diag = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
