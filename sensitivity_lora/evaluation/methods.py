@@ -10,7 +10,8 @@ A matrices) are chosen:
   :func:`sensitivity_lora.pipeline.compute_allocation`, with the keyword
   arguments listed in :data:`METHODS`.
 - ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
-  its own ρ = 2), rank budget r̄ per module.
+  its own ρ = 2), rank budget r̄ per module; ``eva-uniform`` is the same
+  initialisation with ρ = 1 (no redistribution), to tell the two effects apart.
 - ``adalora``: PEFT's AdaLoRA, initial rank ⌈1.5 r̄⌉ pruned during training to
   a final average of r̄ (its budget schedule needs the total step count).
 """
@@ -49,7 +50,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "SRA with scope 'row' (diag(H_row) alone, no d_out factor)"),
     Method("sra-params", "sensitivity", {"method": "sra", "budget_mode": "params"},
            "SRA, LoRA parameter count matched to uniform"),
-    Method("eva", "eva", {}, "PEFT EVA (activation SVD, its ρ = 2)"),
+    Method("eva", "eva", {"rho": 2.0}, "PEFT EVA (activation SVD, its ρ = 2)"),
+    Method("eva-uniform", "eva", {"rho": 1.0}, "PEFT EVA initialisation with uniform ranks (ρ = 1): EVA's init alone"),
     Method("adalora", "adalora", {}, "PEFT AdaLoRA, init ⌈1.5 r̄⌉ → final r̄"),
 )}
 
@@ -123,7 +125,7 @@ def build_adapted(
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
         config = LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="eva",
-                            eva_config=EvaConfig(rho=2.0, use_label_mask=False), **common)
+                            eva_config=EvaConfig(rho=float(method.allocation["rho"]), use_label_mask=False), **common)
         peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
         with torch.no_grad():
             initialize_lora_eva_weights(peft_model, dataloader=calibration, show_progress_bar=False)
