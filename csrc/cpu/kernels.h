@@ -48,6 +48,12 @@ bool external_syrk_usable(int64_t rows, int64_t d, int64_t ldx);
 // chunks of `chunk` rows, each combined in fp64; scratch is d × d fp32, dense.
 void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chunk, float* scratch, double* acc,
               int64_t ld_acc, double* diag, int threads);
+// The same for narrow inputs with the tokens split between threads, reading any
+// activation with a mask (rows gathered and widened per thread); usable when
+// xtx_syrk_tokens_usable(rows, d, threads).
+bool xtx_syrk_tokens_usable(int64_t rows, int64_t d, int threads);
+void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, double* acc, int64_t ld_acc, double* diag,
+                     int threads);
 
 // Result of diag_stats: trace, top-k mean and effective rank (METHOD.md §3).
 struct DiagStats {

@@ -63,55 +63,71 @@ bool external_syrk_usable(int64_t rows, int64_t d, int64_t ldx) {
   return g_blas.syrk != nullptr && rows <= INT_MAX && d <= INT_MAX && ldx <= INT_MAX;
 }
 
-namespace {
+bool xtx_syrk_tokens_usable(int64_t rows, int64_t d, int threads) {
+  return threads > 1 && d <= kTokenSplitMaxD && rows >= threads * kMinPartWidth && external_syrk_usable(rows, d, d);
+}
 
 // Narrow inputs: the column split would give each thread a few milliseconds of
 // unequal work (a SYRK triangle against a GEMM rectangle), so every thread
 // instead runs the full-width SYRK on its own slice of the tokens into its own
 // fp32 scratch; per round of `chunk`-token slices the scratches are summed in
 // fp64 into the accumulator, all threads sharing the rows. Same shape of work
-// on every thread, two barriers per round.
-void xtx_syrk_token_split(const ExternalBlas& blas, const float* x, int64_t rows, int64_t d, int64_t ldx,
-                          int64_t chunk, double* acc, int64_t ld_acc, double* diag, int threads) {
+// on every thread, two barriers per round. Dense fp32 rows are read in place;
+// masked or 16-bit rows are gathered and widened by the thread that owns the
+// slice (one pass, still in its cache for the SYRK).
+void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, double* acc, int64_t ld_acc, double* diag,
+                     int threads) {
+  const int64_t rows = x.rows, d = x.cols;
+  const bool in_place = x.type == ElemType::kFloat32 && mask == nullptr && x.row_stride >= d;
   const int64_t piece = std::min(chunk, ((rows + threads - 1) / threads + 15) / 16 * 16);
-  // Kept between calls (at most threads × 4 MiB): fresh pages cost as much as the products at this width.
+  const int64_t buffer = in_place ? 0 : piece * d;
+  // Kept between calls (at most threads × 20 MiB at d = 1024): fresh pages cost as much as the
+  // products at this width.
   thread_local std::vector<float> pool;
-  if (pool.size() < static_cast<size_t>(threads * d * d)) pool.resize(threads * d * d);
-  std::vector<float*> scratches(threads);
-  for (int p = 0; p < threads; ++p) scratches[p] = pool.data() + p * d * d;
+  const size_t per_thread = static_cast<size_t>(d * d + buffer);
+  if (pool.size() < threads * per_thread) pool.resize(threads * per_thread);
+  float* const base = pool.data();  // the calling thread's pool: name it before the region
   std::vector<char> used(threads, 0);
-  const int n = static_cast<int>(d), lda = static_cast<int>(ldx);
+  const int n = static_cast<int>(d);
   const float one = 1.0f, zero = 0.0f;
+  const ExternalBlas blas = g_blas;
+  const int previous = blas.set_threads(1);  // OpenBLAS runs in the calling thread
 #pragma omp parallel num_threads(threads)
   {
     const int p = omp_get_thread_num();
+    float* scratch = base + p * per_thread;
     for (int64_t round = 0; round < rows; round += piece * threads) {
-      const int64_t s = round + p * piece;
-      const int k = static_cast<int>(std::clamp<int64_t>(rows - s, 0, piece));
+      const int64_t s = round + p * piece, count = std::clamp<int64_t>(rows - s, 0, piece);
+      const float* slice = static_cast<const float*>(x.data) + s * x.row_stride;
+      int lda = static_cast<int>(x.row_stride);
+      int64_t k = count;
+      if (!in_place && count > 0) {
+        k = gather_rows_f32(x, mask, s, count, scratch + d * d, 1);
+        slice = scratch + d * d;
+        lda = n;
+      }
       used[p] = k > 0;
-      if (k > 0) blas.syrk("L", "N", &n, &k, &one, x + s * ldx, &lda, &zero, scratches[p], &n);
+      const int kk = static_cast<int>(k);
+      if (k > 0) blas.syrk("L", "N", &n, &kk, &one, slice, &lda, &zero, scratch, &n);
 #pragma omp barrier
 #pragma omp for schedule(static, 16)
       for (int64_t i = 0; i < d; ++i) {
-        for (int q = 0; q < threads; ++q)
-          if (used[q]) add_block_f32_to_f64(scratches[q] + i * d + i, d, acc + i * ld_acc + i, ld_acc, 1, d - i, false,
-                                            nullptr, 1);
-        if (diag != nullptr)
-          for (int q = 0; q < threads; ++q)
-            if (used[q]) diag[i] += static_cast<double>(scratches[q][i * d + i]);
+        for (int q = 0; q < threads; ++q) {
+          if (!used[q]) continue;
+          const float* row = base + q * per_thread + i * d;
+          add_block_f32_to_f64(row + i, d, acc + i * ld_acc + i, ld_acc, 1, d - i, false, nullptr, 1);
+          if (diag != nullptr) diag[i] += static_cast<double>(row[i]);
+        }
       }
     }  // the implicit barrier of the loop above keeps the next round's SYRKs off the scratches
   }
+  blas.set_threads(previous);
 }
-
-}  // namespace
 
 void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chunk, float* scratch, double* acc,
               int64_t ld_acc, double* diag, int threads) {
-  if (threads > 1 && d <= kTokenSplitMaxD && rows >= threads * kMinPartWidth) {
-    const int previous = g_blas.set_threads(1);
-    xtx_syrk_token_split(g_blas, x, rows, d, ldx, chunk, acc, ld_acc, diag, threads);
-    g_blas.set_threads(previous);
+  if (xtx_syrk_tokens_usable(rows, d, threads) && ldx <= INT_MAX) {
+    xtx_syrk_tokens(Activation{x, ElemType::kFloat32, rows, d, ldx}, nullptr, chunk, acc, ld_acc, diag, threads);
     return;
   }
   const int parts = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(threads, d / kMinPartWidth), 1, 256));

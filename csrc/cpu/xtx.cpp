@@ -14,7 +14,8 @@
 // each block is combined on its own, to bound the scratch memory.
 // When an external BLAS SYRK was registered (scipy's OpenBLAS, see
 // csrc/cpu/syrk.cpp) every fp32 chunk with a scratch uses it instead: half a
-// GEMM's flops, one parallel region for all chunks of a dense fp32 input.
+// GEMM's flops, one parallel region for all chunks of a dense fp32 input, and
+// for narrow inputs (d <= 1024) of any dtype and mask too.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -140,6 +141,11 @@ void accumulate_xtx(const at::Tensor& acc, const at::Tensor& x_in, const std::op
   if (d <= kScratchMaxD) t.scratch = at::empty({d, d}, x.options().dtype(at::kFloat));
   if (x.scalar_type() == at::kFloat && !mask.defined() && syrk_usable(x, t)) {
     syrk_chunks(x, kTokenChunk, t);  // every chunk in one parallel region
+  } else if (xtx_syrk_tokens_usable(n, d, t.threads) && t.acc.stride(0) >= d) {
+    // Narrow masked or 16-bit input: each thread gathers and widens its own token slice.
+    xtx_syrk_tokens(activation_of(x), mask.defined() ? mask.data_ptr<bool>() : nullptr, kTokenChunk,
+                    t.acc.data_ptr<double>(), t.acc.stride(0), t.diag.defined() ? t.diag.data_ptr<double>() : nullptr,
+                    t.threads);
   } else if (x.scalar_type() == at::kFloat && !mask.defined()) {
     for (int64_t s = 0; s < n; s += kTokenChunk) chunk_products(x.narrow(0, s, std::min(kTokenChunk, n - s)), t);
   } else {
