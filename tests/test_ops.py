@@ -192,6 +192,51 @@ def test_xtx_cpu_thread_counts(xtx_for, backend, threads, dtype, shape):
     assert_sums_close(diag, expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal side output")
 
 
+# The token-split SYRK path (d <= 1024, 2+ threads) at pinned thread counts: every dtype and mask
+# kind, a non-zero start, an accumulator with a row stride wider than d (a view), two rounds of
+# 4096-token slices with idle threads in the second, and bitwise-equal results on a repeat.
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked"])
+def test_xtx_token_split_path(xtx_for, threads, dtype, mask_kind):
+    fn = xtx_for("cpu-syrk")
+    n, d = 9000, 200
+    seed = _seed("xtx-token-split", threads, dtype, mask_kind)
+    x = activation(n, d, dtype, seed)
+    mask = token_mask(n, mask_kind, seed)
+    base = oracle_xtx(activation(20, d, torch.float64, seed + 1), None)
+    results = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            wide = torch.zeros(d, d + 7, dtype=torch.float64)
+            acc = wide[:, :d]  # stride(0) = d + 7
+            acc.copy_(base)
+            diag = base.diagonal().clone()
+            fn(acc, x, mask, diag)
+            results.append((acc.clone(), diag))
+    finally:
+        torch.set_num_threads(before)
+    expected = base + oracle_xtx(x, mask)
+    assert_gram_close(results[0][0], expected, ACCUMULATION_RTOL)
+    assert_sums_close(results[0][1], expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal")
+    assert torch.equal(results[0][0].triu(), results[1][0].triu()) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", XTX_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_xtx_single_strided_column(xtx_for, backend, dtype):
+    """A (n, 1) column of a wider tensor: the row stride is the wide tensor's, not 1."""
+    fn = xtx_for(backend)
+    wide = activation(700, 5, dtype, 31)
+    x = wide[:, 2:3]
+    acc, diag = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    fn(acc, x, token_mask(700, "random", 2), diag)
+    expected = oracle_xtx(x, token_mask(700, "random", 2))
+    assert_gram_close(acc, expected, ACCUMULATION_RTOL)
+
+
 @pytest.mark.parametrize("backend", XTX_BACKENDS)
 def test_xtx_into_transposed_accumulator(xtx_for, backend):
     fn = xtx_for(backend)

@@ -14,6 +14,8 @@ SL_MULTIVERSION void add_row(const float* s, double* a, int64_t n) {
 
 }  // namespace
 
+void add_row_f32_to_f64(const float* s, double* a, int64_t n) { add_row(s, a, n); }
+
 void add_block_f32_to_f64(const float* S, int64_t ld_s, double* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                           bool upper_only, double* diag, int threads) {
   const bool parallel = threads > 1 && rows * cols >= (1 << 16);

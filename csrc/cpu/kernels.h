@@ -37,6 +37,8 @@ int64_t gather_rows_f32(const Activation& x, const bool* mask, int64_t row0, int
 // is not null, diag[i] += S[i, i] (square blocks only).
 void add_block_f32_to_f64(const float* S, int64_t ld_s, double* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                           bool upper_only, double* diag, int threads);
+// a[j] += s[j] for j < n, in the calling thread (no parallel region).
+void add_row_f32_to_f64(const float* s, double* a, int64_t n);
 
 // XᵀX with an external BLAS SYRK (csrc/cpu/syrk.cpp). set_external_syrk takes
 // the Fortran ssyrk and sgemm and an OpenBLAS-style thread-count setter

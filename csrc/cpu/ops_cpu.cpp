@@ -27,7 +27,7 @@ at::Tensor columns_contiguous(const at::Tensor& x) {
 }
 
 Activation activation_of(const at::Tensor& x) {
-  return {x.data_ptr(), elem_type(x.scalar_type()), x.size(0), x.size(1), x.size(1) <= 1 ? x.size(1) : x.stride(0)};
+  return {x.data_ptr(), elem_type(x.scalar_type()), x.size(0), x.size(1), x.size(0) <= 1 ? x.size(1) : x.stride(0)};
 }
 
 // A bool mask the kernels can index, or an undefined tensor for "all rows".

@@ -78,7 +78,7 @@ bool xtx_syrk_tokens_usable(int64_t rows, int64_t d, int threads) {
 void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, double* acc, int64_t ld_acc, double* diag,
                      int threads) {
   const int64_t rows = x.rows, d = x.cols;
-  const bool in_place = x.type == ElemType::kFloat32 && mask == nullptr && x.row_stride >= d;
+  const bool in_place = x.type == ElemType::kFloat32 && mask == nullptr && x.row_stride >= d && x.row_stride <= INT_MAX;
   const int64_t piece = std::min(chunk, ((rows + threads - 1) / threads + 15) / 16 * 16);
   const int64_t buffer = in_place ? 0 : piece * d;
   // Kept between calls (at most threads × 20 MiB at d = 1024): fresh pages cost as much as the
@@ -94,9 +94,10 @@ void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, doubl
   const int previous = blas.set_threads(1);  // OpenBLAS runs in the calling thread
 #pragma omp parallel num_threads(threads)
   {
-    const int p = omp_get_thread_num();
+    // The team may be smaller than asked (nested call, OMP_THREAD_LIMIT): slice by what we got.
+    const int team = omp_get_num_threads(), p = omp_get_thread_num();
     float* scratch = base + p * per_thread;
-    for (int64_t round = 0; round < rows; round += piece * threads) {
+    for (int64_t round = 0; round < rows; round += piece * team) {
       const int64_t s = round + p * piece, count = std::clamp<int64_t>(rows - s, 0, piece);
       const float* slice = static_cast<const float*>(x.data) + s * x.row_stride;
       int lda = static_cast<int>(x.row_stride);
@@ -112,10 +113,10 @@ void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, doubl
 #pragma omp barrier
 #pragma omp for schedule(static, 16)
       for (int64_t i = 0; i < d; ++i) {
-        for (int q = 0; q < threads; ++q) {
+        for (int q = 0; q < team; ++q) {
           if (!used[q]) continue;
           const float* row = base + q * per_thread + i * d;
-          add_block_f32_to_f64(row + i, d, acc + i * ld_acc + i, ld_acc, 1, d - i, false, nullptr, 1);
+          add_row_f32_to_f64(row + i, acc + i * ld_acc + i, d - i);
           if (diag != nullptr) diag[i] += static_cast<double>(row[i]);
         }
       }
