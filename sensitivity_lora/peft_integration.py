@@ -40,19 +40,34 @@ def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_
     (scale alpha/√r). Other keyword arguments (``lora_dropout``, ``task_type``,
     ``bias``, ``modules_to_save``, ...) go to LoraConfig.
     """
+    return lora_config_from_ranks(allocation.ranks(), allocation.avg_rank, lora_alpha, **lora_kwargs)
+
+
+def lora_config_from_ranks(ranks: Mapping[str, int], avg_rank: float, lora_alpha: float | None = None,
+                           **lora_kwargs: Any):
+    """:func:`lora_config` for any ``{full module name: rank}`` (e.g. another tool's ranks).
+
+    Modules of rank 0 get no adapter. ``avg_rank`` is the uniform rank the budget was set from;
+    the step-size scale of every module is uniform LoRA's at that rank, as in :func:`lora_config`.
+    """
     from peft import LoraConfig
 
     check_lora_kwargs(lora_kwargs)
-    avg = float(allocation.avg_rank)
+    avg = float(avg_rank)
     alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * avg
-    if alpha <= 0:
-        raise ValueError(f"lora_alpha must be positive, got {alpha}")
+    if alpha <= 0 or avg <= 0:
+        raise ValueError(f"lora_alpha and avg_rank must be positive, got {alpha} and {avg}")
+    bad = {name: r for name, r in ranks.items() if int(r) != r or r < 0}
+    if bad:
+        raise ValueError(f"ranks must be non-negative integers, got {bad}")
+    ranks = {name: int(r) for name, r in ranks.items() if r > 0}
+    if not ranks:
+        raise ValueError("every rank is 0: there is nothing to adapt")
     rslora = bool(lora_kwargs.get("use_rslora", False))
 
     def module_alpha(r: int) -> float:
         return alpha * math.sqrt(r / avg) if rslora else alpha * r / avg
 
-    ranks = allocation.ranks()
     default_rank = max(1, int(round(avg)))
     return LoraConfig(
         r=default_rank,

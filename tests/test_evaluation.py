@@ -139,7 +139,7 @@ def lm_runs(tokenizer):
     task = CausalLMTask(n_train=12, n_eval=4, seq_len=20, n_calibration=8, calibration_batch_size=4)
     config = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     texts = _texts(30)
-    names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "adalora")
+    names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "eva-ranks", "adalora")
     return model, {m: run_causal_lm(model, tokenizer, texts, METHODS[m], 3, 0, config, task) for m in names}
 
 
@@ -159,6 +159,7 @@ def test_rank_budget_is_exact_for_rank_mode_methods(lm_runs):
         assert runs[name]["n_modules"] == n_modules
     for name in ("uniform", "eva-uniform"):  # ρ = 1: EVA's initialisation without its redistribution
         assert runs[name]["rank_min"] == runs[name]["rank_max"] == 3, name
+    assert runs["eva-ranks"]["ranks"] == runs["eva"]["ranks"]  # EVA's ranks with plain LoRA's init
     assert runs["sra"]["n_distinct_ranks"] > 1  # the allocation did something
     assert runs["sra-rho2"]["rank_max"] <= 6
 

@@ -98,3 +98,25 @@ def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(
     with pytest.raises(RankMismatchError):
         get_peft_model(model, random_batches(1), avg_rank=4, progress=False)
     assert all(type(m).__module__.startswith(("torch", "transformers")) for m in model.modules())
+
+
+def test_lora_config_from_ranks_skips_rank_zero_keeps_the_scale_and_rejects_bad_ranks():
+    from peft import get_peft_model as peft_get_peft_model
+
+    from sensitivity_lora.peft_integration import lora_config_from_ranks
+
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    ranks = {name: (0 if i == 0 else 1 + i % 5) for i, name in enumerate(names)}
+    config = lora_config_from_ranks(ranks, avg_rank=3, lora_alpha=6.0)
+    assert names[0] not in config.target_modules and len(config.target_modules) == len(names) - 1
+    peft_model = peft_get_peft_model(model, config)
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            r = module.lora_A["default"].out_features
+            assert ranks[name.split("base_model.model.", 1)[-1]] == r
+            assert module.scaling["default"] == pytest.approx(2.0)  # 6 / 3 for every rank
+    with pytest.raises(ValueError, match="non-negative integers"):
+        lora_config_from_ranks({names[0]: 1.5}, avg_rank=2)
+    with pytest.raises(ValueError, match="nothing to adapt"):
+        lora_config_from_ranks({names[0]: 0}, avg_rank=2)

@@ -11,12 +11,14 @@ A matrices) are chosen:
   arguments listed in :data:`METHODS`.
 - ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
   its own ρ = 2), rank budget r̄ per module; ``eva-uniform`` is the same
-  initialisation with ρ = 1 (no redistribution), to tell the two effects apart.
+  initialisation with ρ = 1 (no redistribution) and ``eva-ranks`` plain LoRA
+  with the ranks EVA chose, to tell the two effects apart.
 - ``adalora``: PEFT's AdaLoRA, initial rank ⌈1.5 r̄⌉ pruned during training to
   a final average of r̄ (its budget schedule needs the total step count).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from .budget import adapter_ranks
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "uniform" | "sensitivity" | "eva" | "adalora"
+    kind: str  # "uniform" | "sensitivity" | "eva" | "eva-ranks" | "adalora"
     allocation: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -52,6 +54,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "SRA, LoRA parameter count matched to uniform"),
     Method("eva", "eva", {"rho": 2.0}, "PEFT EVA (activation SVD, its ρ = 2)"),
     Method("eva-uniform", "eva", {"rho": 1.0}, "PEFT EVA initialisation with uniform ranks (ρ = 1): EVA's init alone"),
+    Method("eva-ranks", "eva-ranks", {"rho": 2.0}, "plain LoRA (standard init) with the ranks EVA (ρ = 2) chose: "
+           "EVA's ranks alone"),
     Method("adalora", "adalora", {}, "PEFT AdaLoRA, init ⌈1.5 r̄⌉ → final r̄"),
 )}
 
@@ -121,20 +125,35 @@ def build_adapted(
         peft_model = get_peft_model(model, lora_config(allocation, alpha, **common))
         verify_ranks(peft_model, allocation)
     elif method.kind == "eva":
-        from peft import EvaConfig, LoraConfig
-        from peft.tuners.lora.eva import initialize_lora_eva_weights
+        peft_model = _eva(model, avg_rank, alpha, targets, float(method.allocation["rho"]), calibration, common)
+    elif method.kind == "eva-ranks":
+        from ..peft_integration import lora_config_from_ranks
 
-        config = LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="eva",
-                            eva_config=EvaConfig(rho=float(method.allocation["rho"]), use_label_mask=False), **common)
-        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
-        with torch.no_grad():
-            initialize_lora_eva_weights(peft_model, dataloader=calibration, show_progress_bar=False)
+        eva_model = _eva(copy.deepcopy(model), avg_rank, alpha, targets, float(method.allocation["rho"]),
+                         calibration, common)
+        ranks = adapter_ranks(eva_model, targets)
+        del eva_model
+        peft_model = get_peft_model(model, lora_config_from_ranks(ranks, avg_rank, alpha, **common))
     elif method.kind == "adalora":
         peft_model, after_step = _adalora(model, avg_rank, alpha, targets, total_steps, common)
     else:  # pragma: no cover - METHODS only holds the kinds above
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
     return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation)
+
+
+def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,
+         calibration: list[Mapping[str, torch.Tensor]], common: Mapping[str, Any]) -> nn.Module:
+    """PEFT's EVA on ``model`` (in place): SVD of the targets' inputs, ranks redistributed up to ρ·r̄."""
+    from peft import EvaConfig, LoraConfig, get_peft_model
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    config = LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=rho, use_label_mask=False), **common)
+    peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        initialize_lora_eva_weights(peft_model, dataloader=calibration, show_progress_bar=False)
+    return peft_model
 
 
 def adalora_schedule(total_steps: int) -> dict[str, int]:
