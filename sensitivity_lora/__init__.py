@@ -16,6 +16,7 @@ _EXPORTS = {
     "CalibrationStatistics": "capture", "calibrate": "capture",
     "MetricSettings": "metrics", "ModuleMetrics": "metrics",
     "RankMismatchError": "peft_integration", "lora_config": "peft_integration", "verify_ranks": "peft_integration",
+    "lora_config_from_ranks": "peft_integration",
     "compute_allocation": "pipeline", "get_peft_model": "pipeline", "score_modules": "pipeline",
     "NotPositiveDefiniteError": "reference",
     "CalibrationError": "statistics", "GroupStatistics": "statistics",
