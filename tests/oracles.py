@@ -9,8 +9,12 @@ under pytest's default rootdir-relative import mode).
 from __future__ import annotations
 
 import math
+import zlib
 
+import pytest
 import torch
+
+from sensitivity_lora import ops
 
 # fp32 accumulation of inputs that are exact in fp32 (fp32, bf16, fp16): the
 # bound of the issue ("fp32 results within 1e-5 relative"). Errors are
@@ -137,3 +141,19 @@ def assert_factor_close(L: torch.Tensor, A: torch.Tensor, rtol: float) -> None:
     assert bool((L64.diagonal() > 0).all()), "factor has a non-positive diagonal"
     err = torch.linalg.matrix_norm(L64 @ L64.T - A) / torch.linalg.matrix_norm(A)
     assert float(err) <= rtol, f"‖L Lᵀ − A‖/‖A‖ = {float(err):.3g} > {rtol:g}"
+
+
+# The activation dtypes every accumulation op takes.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def op_for(name: str, backend: str):
+    """The backend's implementation, or a skip naming why it is unavailable (never a substitute)."""
+    if not ops.available(name, backend):
+        pytest.skip(f"{backend} backend unavailable: {ops.unavailable_reason(name, backend)}")
+    return ops.get_op(name, "cpu", backend)
+
+
+def case_seed(*parts) -> int:
+    """A seed per test case: fresh inputs for every case, reproducible across runs."""
+    return zlib.crc32("/".join(map(str, parts)).encode())

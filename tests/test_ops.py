@@ -1,44 +1,31 @@
 """Every op of the op table, per CPU-side backend (reference, cpu), against fp64 oracles on fresh
 random inputs; error cases; torch.library.opcheck of the compiled ops; the damping ladder.
+accumulate_xtx, with its two cpu product paths and thread splits, is in test_ops_xtx.py.
 
 GPU backends (cuda, triton) are tested in their own files with the helpers of ``oracles.py``.
 """
 from __future__ import annotations
 
 import os
-import zlib
 
 import pytest
 import torch
 
-from oracles import (ACCUMULATION_RTOL, FP32_FACTOR_RTOL, FP64_RTOL, activation, assert_factor_close,
-                     assert_gram_close, assert_sums_close, floored, oracle_diag_stats, oracle_sumsq,
-                     oracle_xtx, spd, token_mask, with_eigenvalues)
+from oracles import (ACCUMULATION_RTOL, FLOAT_DTYPES, FP32_FACTOR_RTOL, FP64_RTOL, activation,
+                     assert_factor_close, assert_sums_close, case_seed, floored, op_for, oracle_diag_stats,
+                     oracle_sumsq, spd, token_mask, with_eigenvalues)
 from sensitivity_lora import ops
 from sensitivity_lora.reference import NotPositiveDefiniteError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BACKENDS = ("reference", "cpu")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def op_for(name: str, backend: str):
-    """The backend's implementation, or a skip naming why it is unavailable (never a substitute)."""
-    if not ops.available(name, backend):
-        pytest.skip(f"{backend} backend unavailable: {ops.unavailable_reason(name, backend)}")
-    return ops.get_op(name, "cpu", backend)
 
 
 def native_op(name: str):
     """The compiled operator (for opcheck), or a skip."""
     op_for(name, "cpu")
     return getattr(torch.ops.sensitivity_lora, name).default
-
-
-def _seed(*parts) -> int:
-    """A seed per test case: fresh inputs for every case, reproducible across runs."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 # --- accumulate_sumsq ---------------------------------------------------------------------------
@@ -53,7 +40,7 @@ SUMSQ_SHAPES = [(0, 17), (1, 1), (37, 5), (1000, 577), (5000, 300)]
 def test_sumsq_matches_oracle(backend, dtype, shape, mask_kind):
     fn = op_for("accumulate_sumsq", backend)
     n, d = shape
-    seed = _seed("sumsq", dtype, shape, mask_kind)
+    seed = case_seed("sumsq", dtype, shape, mask_kind)
     x = activation(n, d, dtype, seed)
     mask = token_mask(n, mask_kind, seed)
     # Accumulators start non-zero: the op must add, not overwrite.
@@ -72,7 +59,7 @@ def test_sumsq_matches_oracle(backend, dtype, shape, mask_kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sumsq_non_contiguous(backend, layout, dtype):
     fn = op_for("accumulate_sumsq", backend)
-    x = activation(700, 129, dtype, _seed("sumsq-nc", layout, dtype), layout)
+    x = activation(700, 129, dtype, case_seed("sumsq-nc", layout, dtype), layout)
     assert not x.is_contiguous()
     mask = token_mask(700, "random", 3)
     acc = torch.zeros(129, dtype=torch.float64)
@@ -104,146 +91,6 @@ def test_sumsq_cpu_is_deterministic():
     fn(a, x)
     fn(b, x)
     assert torch.equal(a, b)
-
-
-# --- accumulate_xtx -----------------------------------------------------------------------------
-
-# 300 and 577 cross the C++ leaf size (256) and are not multiples of any tile; 4500 and 8300 tokens
-# span two and three 4096-token chunks; 577 is split between threads on the SYRK path.
-XTX_SHAPES = [(0, 8), (3, 1), (50, 7), (700, 300), (4500, 130), (600, 577), (8300, 290)]
-# The cpu accumulate_xtx has two product paths: scipy's OpenBLAS SYRK (the default when found) and
-# at::mm GEMMs on upper-triangle blocks; both are tested.
-XTX_BACKENDS = ("reference", "cpu-syrk", "cpu-gemm")
-
-
-@pytest.fixture
-def xtx_for():
-    """accumulate_xtx of a backend of XTX_BACKENDS (cpu-* set the product path; restored after)."""
-    touched = []
-
-    def get(backend: str):
-        if backend == "reference":
-            return op_for("accumulate_xtx", "reference")
-        fn = op_for("accumulate_xtx", "cpu")
-        from sensitivity_lora import _native
-        touched.append(_native)
-        if _native.use_external_syrk(backend == "cpu-syrk") != (backend == "cpu-syrk"):
-            pytest.skip("scipy's BLAS is not OpenBLAS (no ssyrk with a thread setter): SYRK path unavailable")
-        return fn
-
-    yield get
-    for native in touched:
-        native.use_external_syrk(native.syrk_default())
-
-
-@pytest.mark.parametrize("backend", XTX_BACKENDS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", XTX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked"])
-def test_xtx_matches_oracle(xtx_for, backend, dtype, shape, mask_kind):
-    fn = xtx_for(backend)
-    n, d = shape
-    seed = _seed("xtx", dtype, shape, mask_kind)
-    x = activation(n, d, dtype, seed)
-    mask = token_mask(n, mask_kind, seed)
-    base = oracle_xtx(activation(20, d, torch.float64, seed + 1), None)  # non-zero start: must add
-    acc = base.clone()
-    diag = base.diagonal().clone()
-    fn(acc, x, mask, diag)
-    expected = base + oracle_xtx(x, mask)
-    assert_gram_close(acc, expected, ACCUMULATION_RTOL)
-    assert_sums_close(diag, expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal side output")
-
-
-@pytest.mark.parametrize("backend", XTX_BACKENDS)
-@pytest.mark.parametrize("layout", ["row-strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("masked", [True, False], ids=["masked", "dense"])
-def test_xtx_non_contiguous(xtx_for, backend, layout, dtype, masked):
-    fn = xtx_for(backend)
-    x = activation(500, 270, dtype, _seed("xtx-nc", layout, dtype), layout)
-    mask = token_mask(500, "random", 4) if masked else None
-    acc = torch.zeros(270, 270, dtype=torch.float64)
-    fn(acc, x, mask)
-    assert_gram_close(acc, oracle_xtx(x, mask), ACCUMULATION_RTOL)
-
-
-# The SYRK path splits the tokens between the threads up to d = 1024 (one scratch per thread, summed
-# per round of 4096-token slices) and the triangle's columns above it (d // 128 parts at most), each
-# in one parallel region: other thread counts must give the same sums.
-@pytest.mark.parametrize("backend", ["cpu-syrk", "cpu-gemm"])
-@pytest.mark.parametrize("threads", [1, 3, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(4200, 700), (13000, 130), (700, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_xtx_cpu_thread_counts(xtx_for, backend, threads, dtype, shape):
-    fn = xtx_for(backend)
-    n, d = shape
-    x = activation(n, d, dtype, _seed("xtx-threads", backend, threads, dtype, shape))
-    mask = token_mask(n, "random", 5) if dtype == torch.bfloat16 else None
-    acc, diag = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fn(acc, x, mask, diag)
-    finally:
-        torch.set_num_threads(before)
-    expected = oracle_xtx(x, mask)
-    assert_gram_close(acc, expected, ACCUMULATION_RTOL)
-    assert_sums_close(diag, expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal side output")
-
-
-# The token-split SYRK path (d <= 1024, 2+ threads) at pinned thread counts: every dtype and mask
-# kind, a non-zero start, an accumulator with a row stride wider than d (a view), two rounds of
-# 4096-token slices with idle threads in the second, and bitwise-equal results on a repeat.
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mask_kind", ["none", "random", "all-masked"])
-def test_xtx_token_split_path(xtx_for, threads, dtype, mask_kind):
-    fn = xtx_for("cpu-syrk")
-    n, d = 9000, 200
-    seed = _seed("xtx-token-split", threads, dtype, mask_kind)
-    x = activation(n, d, dtype, seed)
-    mask = token_mask(n, mask_kind, seed)
-    base = oracle_xtx(activation(20, d, torch.float64, seed + 1), None)
-    results = []
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(2):
-            wide = torch.zeros(d, d + 7, dtype=torch.float64)
-            acc = wide[:, :d]  # stride(0) = d + 7
-            acc.copy_(base)
-            diag = base.diagonal().clone()
-            fn(acc, x, mask, diag)
-            results.append((acc.clone(), diag))
-    finally:
-        torch.set_num_threads(before)
-    expected = base + oracle_xtx(x, mask)
-    assert_gram_close(results[0][0], expected, ACCUMULATION_RTOL)
-    assert_sums_close(results[0][1], expected.diagonal(), expected.diagonal(), ACCUMULATION_RTOL, "diagonal")
-    assert torch.equal(results[0][0].triu(), results[1][0].triu()) and torch.equal(results[0][1], results[1][1])
-
-
-@pytest.mark.parametrize("backend", XTX_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_xtx_single_strided_column(xtx_for, backend, dtype):
-    """A (n, 1) column of a wider tensor: the row stride is the wide tensor's, not 1."""
-    fn = xtx_for(backend)
-    wide = activation(700, 5, dtype, 31)
-    x = wide[:, 2:3]
-    acc, diag = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    fn(acc, x, token_mask(700, "random", 2), diag)
-    expected = oracle_xtx(x, token_mask(700, "random", 2))
-    assert_gram_close(acc, expected, ACCUMULATION_RTOL)
-
-
-@pytest.mark.parametrize("backend", XTX_BACKENDS)
-def test_xtx_into_transposed_accumulator(xtx_for, backend):
-    fn = xtx_for(backend)
-    x = activation(400, 90, torch.float32, 21)
-    acc_t = torch.zeros(90, 90, dtype=torch.float64).T  # stride(1) != 1
-    fn(acc_t, x)
-    assert_gram_close(acc_t, oracle_xtx(x, None), ACCUMULATION_RTOL)
 
 
 # --- errors of the accumulation ops -------------------------------------------------------------
@@ -287,7 +134,7 @@ def test_accumulate_cpu_rejects_bad_accumulators(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_diag_stats_matches_oracle(backend, d, d_out, alpha, dtype):
     fn = op_for("diag_stats", backend)
-    g = torch.Generator().manual_seed(_seed("diag", d, d_out, alpha, dtype))
+    g = torch.Generator().manual_seed(case_seed("diag", d, d_out, alpha, dtype))
     diag = (torch.rand(d, generator=g, dtype=torch.float64) ** 3 * 10).to(dtype)  # skewed, like real H
     m = d * d_out
     for k in sorted({1, max(1, m // 2), m, min(m, 5)}):
@@ -359,7 +206,7 @@ def _ladder_oracle(H: torch.Tensor, rel_damp: float, ladder: float) -> tuple[tor
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cholesky_spd(backend, n, dtype):
     fn = op_for("cholesky_damped", backend)
-    H = spd(n, _seed("spd", n), dtype)
+    H = spd(n, case_seed("spd", n), dtype)
     L, damp, tries = fn(H)
     A, floor = floored(H)
     assert L.dtype == dtype and L.shape == (n, n)
@@ -391,7 +238,7 @@ def test_cholesky_indefinite_climbs_the_ladder(backend, n):
     fn = op_for("cholesky_damped", backend)
     eig = torch.linspace(1.0, 3.0, n, dtype=torch.float64)
     eig[0] = -0.3 * float(eig[1:].mean())  # trace changes a little; the oracle reads mean(diag) from H
-    H = with_eigenvalues(n, _seed("indef", n), eig)
+    H = with_eigenvalues(n, case_seed("indef", n), eig)
     A, damp_expected, tries_expected = _ladder_oracle(H, 0.01, 10.0)
     assert tries_expected == 3
     L, damp, tries = fn(H)
@@ -427,7 +274,7 @@ def test_cholesky_errors(backend):
 @pytest.mark.parametrize("n", [1, 7, 300, 513])
 def test_inverse_diag_matches_oracle(backend, n):
     fn = op_for("cholesky_inverse_diag", backend)
-    H = spd(n, _seed("inv", n))
+    H = spd(n, case_seed("inv", n))
     L = torch.linalg.cholesky(H)
     expected = torch.linalg.inv(H).diagonal()
     out = fn(L)
