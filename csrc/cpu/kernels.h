@@ -52,7 +52,8 @@ void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chun
               int64_t ld_acc, double* diag, int threads);
 // The same for narrow inputs with the tokens split between threads, reading any
 // activation with a mask (rows gathered and widened per thread); usable when
-// xtx_syrk_tokens_usable(rows, d, threads).
+// xtx_syrk_tokens_usable(rows, d, threads). accumulate_xtx tries it first;
+// xtx_syrk itself always splits the columns.
 bool xtx_syrk_tokens_usable(int64_t rows, int64_t d, int threads);
 void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, double* acc, int64_t ld_acc, double* diag,
                      int threads);

@@ -99,13 +99,14 @@ void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, doubl
     float* scratch = base + p * per_thread;
     for (int64_t round = 0; round < rows; round += piece * team) {
       const int64_t s = round + p * piece, count = std::clamp<int64_t>(rows - s, 0, piece);
-      const float* slice = static_cast<const float*>(x.data) + s * x.row_stride;
-      int lda = static_cast<int>(x.row_stride);
+      const float* slice = scratch + d * d;  // the gathered rows
+      int lda = n;
       int64_t k = count;
-      if (!in_place && count > 0) {
+      if (in_place) {
+        slice = static_cast<const float*>(x.data) + s * x.row_stride;
+        lda = static_cast<int>(x.row_stride);
+      } else if (count > 0) {
         k = gather_rows_f32(x, mask, s, count, scratch + d * d, 1);
-        slice = scratch + d * d;
-        lda = n;
       }
       used[p] = k > 0;
       const int kk = static_cast<int>(k);
@@ -127,10 +128,6 @@ void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, doubl
 
 void xtx_syrk(const float* x, int64_t rows, int64_t d, int64_t ldx, int64_t chunk, float* scratch, double* acc,
               int64_t ld_acc, double* diag, int threads) {
-  if (xtx_syrk_tokens_usable(rows, d, threads) && ldx <= INT_MAX) {
-    xtx_syrk_tokens(Activation{x, ElemType::kFloat32, rows, d, ldx}, nullptr, chunk, acc, ld_acc, diag, threads);
-    return;
-  }
   const int parts = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(threads, d / kMinPartWidth), 1, 256));
   std::vector<int64_t> bound(parts + 1);
   for (int p = 0; p <= parts; ++p) {  // equal areas of the triangle, on multiples of 16

@@ -14,8 +14,9 @@
 // each block is combined on its own, to bound the scratch memory.
 // When an external BLAS SYRK was registered (scipy's OpenBLAS, see
 // csrc/cpu/syrk.cpp) every fp32 chunk with a scratch uses it instead: half a
-// GEMM's flops, one parallel region for all chunks of a dense fp32 input, and
-// for narrow inputs (d <= 1024) of any dtype and mask too.
+// GEMM's flops, one parallel region for all chunks of a dense fp32 input.
+// Narrow inputs (d <= 1024) of any dtype and mask take the token-split SYRK
+// (xtx_syrk_tokens) before any of this, when the SYRK and 2+ threads are there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -138,14 +139,17 @@ void accumulate_xtx(const at::Tensor& acc, const at::Tensor& x_in, const std::op
       chunk_products(rows.narrow(0, s, std::min(kTokenChunk, rows.size(0) - s)), t);
     return finish();
   }
-  if (d <= kScratchMaxD) t.scratch = at::empty({d, d}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat && !mask.defined() && syrk_usable(x, t)) {
-    syrk_chunks(x, kTokenChunk, t);  // every chunk in one parallel region
-  } else if (xtx_syrk_tokens_usable(n, d, t.threads) && t.acc.stride(0) >= d) {
-    // Narrow masked or 16-bit input: each thread gathers and widens its own token slice.
+  if (xtx_syrk_tokens_usable(n, d, t.threads)) {
+    // Narrow input, any dtype and mask: each thread runs the SYRK on its own token slice
+    // (gathering and widening it first when it is masked or 16-bit); no shared scratch.
     xtx_syrk_tokens(activation_of(x), mask.defined() ? mask.data_ptr<bool>() : nullptr, kTokenChunk,
                     t.acc.data_ptr<double>(), t.acc.stride(0), t.diag.defined() ? t.diag.data_ptr<double>() : nullptr,
                     t.threads);
+    return finish();
+  }
+  if (d <= kScratchMaxD) t.scratch = at::empty({d, d}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat && !mask.defined() && syrk_usable(x, t)) {
+    syrk_chunks(x, kTokenChunk, t);  // every chunk in one parallel region
   } else if (x.scalar_type() == at::kFloat && !mask.defined()) {
     for (int64_t s = 0; s < n; s += kTokenChunk) chunk_products(x.narrow(0, s, std::min(kTokenChunk, n - s)), t);
   } else {
