@@ -79,7 +79,10 @@ void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, doubl
                      int threads) {
   const int64_t rows = x.rows, d = x.cols;
   const bool in_place = x.type == ElemType::kFloat32 && mask == nullptr && x.row_stride >= d && x.row_stride <= INT_MAX;
-  const int64_t piece = std::min(chunk, ((rows + threads - 1) / threads + 15) / 16 * 16);
+  // Gathered slices stay at 2048 rows (4.7 MB at d = 576) so they are still in cache for the SYRK:
+  // 15.6 vs 16.3 ms at 8192 bf16 tokens, d = 576.
+  const int64_t max_piece = in_place ? chunk : std::min<int64_t>(chunk, 2048);
+  const int64_t piece = std::min(max_piece, ((rows + threads - 1) / threads + 15) / 16 * 16);
   const int64_t buffer = in_place ? 0 : piece * d;
   // Kept between calls (at most threads × 20 MiB at d = 1024): fresh pages cost as much as the
   // products at this width.
