@@ -1,4 +1,4 @@
-"""fp64 oracles, input makers and tolerance checks for the ops, shared by every backend's tests.
+"""fp64 oracles, input makers, tolerance checks and the backend lookup (op_for) shared by every backend's op tests.
 
 The oracles are written independently of ``reference.py`` (the reference is
 one of the things tested against them): plain fp64 products, and for
