@@ -94,7 +94,7 @@ def all_reduce_statistics(stats: CalibrationStatistics, group: Any = None) -> No
         raise RuntimeError("the ranks found different input groups or target modules; every rank must run "
                            "the same model with the same target_modules and hessian mode")
     for g in stats.groups.values():
-        for attr in ("sumsq", "xtx"):
+        for attr in ("sumsq", "sum", "xtx"):
             tensor = getattr(g, attr)
             if tensor is None:
                 continue

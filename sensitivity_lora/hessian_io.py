@@ -1,7 +1,7 @@
 """Hessians on disk: one safetensors file per input group, readable by other tools.
 
 Each file holds the raw fp64 sums of one input group (``xtx`` = Σ x xᵀ, full and
-symmetric, when calibrated with ``hessian="full"``; ``sumsq`` = Σ x², always)
+symmetric, when calibrated with ``hessian="full"``; ``sumsq`` = Σ x² and ``sum`` = Σ x, always)
 and, in its string metadata, the token and sequence counts, the member module
 names with their (d_in, d_out), and the project's normalisation convention. The
 loader applies any convention of ``statistics.NORMALISATIONS`` on the way out.
@@ -26,7 +26,7 @@ import torch
 from .statistics import GroupStatistics, normalisation_factor
 
 FORMAT = "sensitivity-lora-hessian"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: adds ``sum`` (Σx)
 PROJECT_CONVENTION = "2/tokens"
 INDEX_FILE = "index.json"
 
@@ -35,7 +35,8 @@ INDEX_FILE = "index.json"
 
 def group_tensors(group: GroupStatistics, prefix: str = "") -> dict[str, torch.Tensor]:
     """The raw sums of ``group`` as CPU fp64 tensors (``xtx`` full and symmetric)."""
-    tensors = {prefix + "sumsq": group.sumsq.detach().to("cpu", torch.float64).contiguous()}
+    tensors = {prefix + "sumsq": group.sumsq.detach().to("cpu", torch.float64).contiguous(),
+               prefix + "sum": group.sum.detach().to("cpu", torch.float64).contiguous()}
     if group.xtx is not None:
         tensors[prefix + "xtx"] = group.raw_xtx().detach().to("cpu", torch.float64).contiguous()
     return tensors
@@ -60,6 +61,7 @@ def group_from(header: Mapping, tensors: Mapping[str, torch.Tensor], prefix: str
     group = GroupStatistics(header["group"], list(header["members"]), int(header["d_in"]), header["mode"],
                             torch.device(device), backend)
     group.sumsq = tensors[prefix + "sumsq"].to(device, torch.float64)
+    group.sum = tensors[prefix + "sum"].to(device, torch.float64)
     if group.mode == "full":
         group.xtx = tensors[prefix + "xtx"].to(device, torch.float64)
         group._symmetric = True  # stored full and symmetric
@@ -150,6 +152,7 @@ class HessianFile:
     convention: str
     raw_sumsq: torch.Tensor
     raw_xtx: torch.Tensor | None
+    raw_sum: torch.Tensor
 
     @property
     def factor(self) -> float:
@@ -172,7 +175,8 @@ class HessianFile:
         header = {"group": self.group, "members": self.members, "d_in": self.raw_sumsq.numel(),
                   "mode": "full" if self.raw_xtx is not None else "diag",
                   "n_tokens": self.n_tokens, "n_sequences": self.n_sequences}
-        tensors = {"sumsq": self.raw_sumsq, **({"xtx": self.raw_xtx} if self.raw_xtx is not None else {})}
+        tensors = {"sumsq": self.raw_sumsq, "sum": self.raw_sum,
+                   **({"xtx": self.raw_xtx} if self.raw_xtx is not None else {})}
         return group_from(header, tensors, device=device)
 
 
@@ -193,10 +197,14 @@ def load_hessian(path: str | os.PathLike, convention: str = PROJECT_CONVENTION,
             raise ValueError(f"{path} stores {meta.get('stored')!r}; this reader understands only 'raw_sum'")
         keys = set(f.keys())
         sumsq = f.get_tensor("sumsq")
+        if "sum" not in keys:
+            raise ValueError(f"{path} has no 'sum' tensor (format version {meta.get('format_version')}); "
+                             "export it again with this version of sensitivity-lora")
+        total = f.get_tensor("sum")
         xtx = f.get_tensor("xtx") if "xtx" in keys else None
     dims = {k: (int(v[0]), int(v[1])) for k, v in json.loads(meta.get("member_dims", "{}")).items()}
     return HessianFile(meta["group"], json.loads(meta["members"]), dims, int(meta["n_tokens"]),
-                       int(meta["n_sequences"]), convention, sumsq, xtx)
+                       int(meta["n_sequences"]), convention, sumsq, xtx, total)
 
 
 def load_hessians(out_dir: str | os.PathLike, convention: str = PROJECT_CONVENTION,

@@ -47,7 +47,8 @@ class GroupStatistics:
     mode: str = "diag"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
-    sumsq: torch.Tensor = field(init=False)
+    sumsq: torch.Tensor = field(init=False)  # Σ x² per feature
+    sum: torch.Tensor = field(init=False)  # Σ x per feature (centring: covariance initialisers)
     xtx: torch.Tensor | None = field(init=False, default=None)
     n_tokens: int = 0
     n_sequences: int = 0
@@ -56,6 +57,7 @@ class GroupStatistics:
         if self.mode not in HESSIAN_MODES:
             raise ValueError(f"unknown hessian mode {self.mode!r}; choose from {', '.join(HESSIAN_MODES)}")
         self.sumsq = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
+        self.sum = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         if self.mode == "full":
             self.xtx = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
         self._symmetric = False
@@ -63,10 +65,10 @@ class GroupStatistics:
     def add(self, x: torch.Tensor, mask: torch.Tensor | None, n_valid: int, n_sequences: int) -> None:
         """Accumulate a (tokens, d_in) activation; ``mask`` selects the tokens that count."""
         if self.xtx is not None:
-            ops.get_op("accumulate_xtx", x.device, self.backend)(self.xtx, x, mask, self.sumsq)
+            ops.get_op("accumulate_xtx", x.device, self.backend)(self.xtx, x, mask, None)
             self._symmetric = False
-        else:
-            ops.get_op("accumulate_sumsq", x.device, self.backend)(self.sumsq, x, mask, None)
+        # Σx² and Σx in one read of x (the sum-of-squares kernels fuse both)
+        ops.get_op("accumulate_sumsq", x.device, self.backend)(self.sumsq, x, mask, self.sum)
         self.n_tokens += n_valid
         self.n_sequences += n_sequences
 
@@ -75,13 +77,14 @@ class GroupStatistics:
         if other.d_in != self.d_in or other.mode != self.mode:
             raise ValueError(f"cannot merge statistics of {other.name!r} into {self.name!r}: shapes or modes differ")
         self.sumsq += other.sumsq.to(self.sumsq.device)
+        self.sum += other.sum.to(self.sum.device)
         if self.xtx is not None:
             self.xtx = self.raw_xtx() + other.raw_xtx().to(self.sumsq.device)  # stays symmetric
         self.n_tokens += other.n_tokens
         self.n_sequences += other.n_sequences
 
     def check_finite(self) -> None:
-        if not torch.isfinite(self.sumsq).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
+        if not torch.isfinite(self.sumsq).all() or not torch.isfinite(self.sum).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
             raise CalibrationError(
                 f"non-finite activations (NaN/Inf) reached {', '.join(self.members)}; "
                 "the model overflows on this data or dtype: try float32/bfloat16 instead of float16, "
@@ -96,6 +99,20 @@ class GroupStatistics:
             self.xtx = symmetrize_upper(self.xtx)
             self._symmetric = True
         return self.xtx
+
+    def mean(self) -> torch.Tensor:
+        """μ = Σx / n (fp64)."""
+        if self.n_tokens <= 0:
+            raise CalibrationError(f"{self.name}: no calibration tokens were seen")
+        return self.sum / self.n_tokens
+
+    def covariance(self) -> torch.Tensor:
+        """The centred input covariance C = (Σxxᵀ − n·μμᵀ) / (n − 1) (fp64, symmetric; needs hessian='full')."""
+        n = self.n_tokens
+        if n < 2:
+            raise CalibrationError(f"{self.name}: a covariance needs at least 2 tokens, got {n}")
+        mu = self.mean()
+        return (self.raw_xtx() - n * torch.outer(mu, mu)) / (n - 1)
 
     def hessian_diag(self, convention: str = "2/tokens") -> torch.Tensor:
         """diag(H_row) under ``convention`` (fp64)."""

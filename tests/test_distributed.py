@@ -64,7 +64,7 @@ def _check_outputs(out: Path) -> None:
     for name, g in single.groups.items():
         h = exported[name]
         assert (h.n_tokens, h.n_sequences, h.members) == (g.n_tokens, g.n_sequences, g.members)
-        for mine, theirs in ((h.raw_xtx, g.raw_xtx()), (h.raw_sumsq, g.sumsq)):
+        for mine, theirs in ((h.raw_xtx, g.raw_xtx()), (h.raw_sumsq, g.sumsq), (h.raw_sum, g.sum)):
             rel = float((mine - theirs).abs().max() / theirs.abs().max())
             assert rel <= 1e-10, f"{name}: relative difference {rel:.2e}"
 

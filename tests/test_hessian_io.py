@@ -74,7 +74,7 @@ def test_files_are_plain_safetensors_with_metadata(tmp_path):
     path = tmp_path / index["groups"]["model.layers.0.self_attn.q_proj"]
     with safe_open(str(path), framework="pt") as f:  # what another tool sees, without this package
         meta = f.metadata()
-        assert set(f.keys()) == {"xtx", "sumsq"} and f.get_tensor("xtx").shape == (32, 32)
+        assert set(f.keys()) == {"xtx", "sumsq", "sum"} and f.get_tensor("xtx").shape == (32, 32)
     assert meta["normalisation"] == "2/tokens" and meta["stored"] == "raw_sum"
     assert json.loads(meta["members"]) == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     assert json.loads(meta["member_dims"])["model.layers.0.self_attn.k_proj"] == [32, 16]

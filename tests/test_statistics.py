@@ -45,12 +45,35 @@ def test_full_hessian_matches_fp64_oracle_and_conventions():
         g.hessian("2/batches")
 
 
+@pytest.mark.parametrize("mode", ["diag", "full"])
+def test_sum_mean_and_covariance_match_fp64_oracle(mode):
+    x = torch.randn(60, 6) * 3 + torch.arange(6.0)  # a non-zero mean, so centring matters
+    mask = torch.rand(60) > 0.25
+    g = _group(x, mode, mask)
+    xs = x[mask].double()
+    n = xs.shape[0]
+    torch.testing.assert_close(g.sum, xs.sum(0), rtol=1e-6, atol=1e-6 * float(xs.abs().sum(0).max()))
+    torch.testing.assert_close(g.mean(), xs.mean(0), rtol=1e-6, atol=1e-6)
+    if mode == "diag":
+        with pytest.raises(ValueError, match="hessian='full'"):
+            g.covariance()
+        return
+    centred = xs - xs.mean(0)
+    expected = centred.T @ centred / (n - 1)
+    torch.testing.assert_close(g.covariance(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    one = GroupStatistics("g", ["m"], 6, "full")
+    one.add(x[:1], None, 1, 1)
+    with pytest.raises(CalibrationError, match="at least 2 tokens"):
+        one.covariance()
+
+
 def test_merge_equals_one_pass():
     x = torch.randn(40, 5)
     whole = _group(x, "full")
     a, b = _group(x[:15], "full"), _group(x[15:], "full")
     a.merge_(b)
     torch.testing.assert_close(a.raw_xtx(), whole.raw_xtx(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(a.sum, whole.sum, rtol=1e-6, atol=1e-5)
     assert a.n_tokens == 40 and a.n_sequences == 4
     with pytest.raises(ValueError, match="cannot merge"):
         a.merge_(_group(torch.randn(3, 4), "full"))

@@ -60,7 +60,7 @@ def assert_same_statistics(one, groups: dict[str, GroupStatistics], exact: bool 
     for name, g in one.groups.items():
         h = groups[name]
         assert (h.members, h.n_tokens, h.n_sequences, h.mode) == (g.members, g.n_tokens, g.n_sequences, g.mode)
-        pairs = [(g.sumsq, h.sumsq)] + ([(g.raw_xtx(), h.raw_xtx())] if g.mode == "full" else [])
+        pairs = [(g.sumsq, h.sumsq), (g.sum, h.sum)] + ([(g.raw_xtx(), h.raw_xtx())] if g.mode == "full" else [])
         for a, b in pairs:
             if exact:
                 assert torch.equal(a, b), f"{name}: max diff {(a - b).abs().max()}"
