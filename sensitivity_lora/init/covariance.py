@@ -1,0 +1,59 @@
+"""Covariance and second moment of one input group, from its raw sums.
+
+From a calibration pass over n non-padding tokens with inputs x_t ∈ R^d:
+
+    S = Σ_t x_t x_tᵀ   (d × d),   s = Σ_t x_t   (d,),   μ = s / n
+
+    centred covariance   C = (S − n μ μᵀ) / (n − 1)      (what EVA's PCA decomposes)
+    second moment        M = S / n                       (= H/2 in the 2/tokens convention)
+
+Both are computed in fp64 whatever the input dtype: activations with a large mean
+(massive activations) make S − nμμᵀ a difference of large numbers. The result is
+symmetrised exactly ((X + Xᵀ)/2), so eigen solvers see a symmetric matrix.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+
+def centred_covariance(xtx: torch.Tensor, total: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """C = (S − s sᵀ / n) / (n − 1) in fp64, from S = Σxxᵀ, s = Σx and the token count n (≥ 2)."""
+    s_mat = _check_xtx(xtx)
+    if total is None:
+        raise ValueError("the centred covariance needs Σx; calibrate statistics that carry .sum (Σx)")
+    if not isinstance(total, torch.Tensor) or total.shape != (s_mat.shape[0],):
+        shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+        raise ValueError(f"Σx must be a ({s_mat.shape[0]},) tensor matching Σxxᵀ, got {shape}")
+    n = _check_count(n_tokens, minimum=2, why="a covariance needs at least 2 tokens")
+    s = total.to(device=s_mat.device, dtype=torch.float64)
+    cov = (s_mat - torch.outer(s, s) / n) / (n - 1)
+    return (cov + cov.T) * 0.5
+
+
+def second_moment(xtx: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """M = S / n in fp64 (the uncentred second moment of the inputs)."""
+    s_mat = _check_xtx(xtx)
+    n = _check_count(n_tokens, minimum=1, why="no tokens were seen")
+    m = s_mat / n
+    return (m + m.T) * 0.5
+
+
+def _check_xtx(xtx: torch.Tensor) -> torch.Tensor:
+    if xtx is None:
+        raise ValueError("Σxxᵀ is missing: calibrate with hessian='full' to get the full input statistics")
+    if not isinstance(xtx, torch.Tensor) or xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1]:
+        shape = tuple(xtx.shape) if isinstance(xtx, torch.Tensor) else type(xtx).__name__
+        raise ValueError(f"Σxxᵀ must be a square (d, d) tensor, got {shape}")
+    return xtx.to(torch.float64)
+
+
+def _check_count(n_tokens: int, minimum: int, why: str) -> int:
+    try:
+        n = operator.index(n_tokens) if not isinstance(n_tokens, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"token count must be an integer >= {minimum} ({why}), got {n_tokens!r}")
+    return int(n)

@@ -1,0 +1,137 @@
+"""Top-k eigenpairs of a symmetric positive semi-definite matrix, in a fixed sign convention.
+
+Initialisers need only the top k = round(ρ·r̄) directions (16–32) of a d × d
+covariance, d up to 14336. A dense ``torch.linalg.eigh`` is O(d³) whatever k is
+(measured on one CPU thread: 0.05 s at d = 576, 0.8 s at 1536, 23 s at 4096).
+The implicitly restarted Lanczos method (ARPACK through
+``scipy.sparse.linalg.eigsh``) needs only products with the matrix and returns
+the same pairs to rounding in 0.01 s, 0.1 s and 0.5–0.8 s at those sizes;
+``benchmarks/bench_init.py`` measures both (and the d = 14336 case) into
+``benchmarks/results/init.json``, and ``auto`` follows it.
+
+Solvers:
+
+- ``dense``: ``torch.linalg.eigh`` on the matrix's own device, all pairs, the top k kept.
+- ``lanczos``: ARPACK on the CPU (a tensor on another device is copied there), a seeded
+  start vector, relative tolerance ``tol``. Its answer is checked (every residual
+  ‖S v − θ v‖ ≤ 1e-6 · θ₁) and replaced by the dense one if ARPACK did not converge or
+  the check fails, so it never returns an unconverged pair. Like every single-vector
+  Krylov method it could miss a copy of an eigenvalue that is repeated *exactly* among
+  the top k, which calibration statistics do not have.
+- ``auto``: ``lanczos`` for CPU matrices with d ≥ 256 and k ≤ d/4, else ``dense``
+  (on CUDA ``dense`` too: a GPU eigh is fast and no GPU was measured here).
+
+Conventions, whatever the solver:
+
+- eigenvalues descending, eigenvectors as the *rows* of a (k, d) tensor (LoRA's A layout);
+- sign: each vector is flipped so that its largest-magnitude entry is positive (the first
+  such entry on exact ties), so results do not depend on the solver, the BLAS or the
+  thread count beyond rounding. PEFT's IncrementalPCA flips its components the same way;
+- fp64 throughout; the Lanczos start vector is seeded, so two runs give the same bytes.
+
+ARPACK runs in scipy's BLAS, whose thread count follows ``OMP_NUM_THREADS`` /
+``OPENBLAS_NUM_THREADS``, not ``torch.set_num_threads``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("auto", "dense", "lanczos")
+
+# "auto" uses Lanczos from this size on (CPU); below it both take well under 10 ms.
+AUTO_LANCZOS_MIN_DIM = 256
+# ... and only while k is a small share of d (ARPACK needs k < d and a Krylov space of about 2k).
+AUTO_LANCZOS_MAX_SHARE = 0.25
+# the check on a Lanczos answer: every residual within this share of the largest eigenvalue
+LANCZOS_RESIDUAL_CHECK = 1e-6
+
+
+@dataclass(frozen=True)
+class Eigenpairs:
+    """The top-k eigenpairs: ``values`` (k,) descending, ``vectors`` (k, d) rows, fp64."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    method: str  # the solver that produced them: "dense" or "lanczos"
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-|.| entry is positive (first index on ties); returns a new tensor."""
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a (k, d) tensor of row vectors, got shape {tuple(vectors.shape)}")
+    if vectors.shape[0] == 0:
+        return vectors.clone()
+    pivots = vectors.abs().argmax(dim=1)  # torch.argmax returns the first maximal index: the tie rule
+    signs = torch.sign(vectors.gather(1, pivots[:, None]))
+    signs[signs == 0] = 1.0  # an all-zero row stays as it is
+    return vectors * signs
+
+
+def choose_method(d: int, k: int, device: torch.device | str = "cpu") -> str:
+    """The solver ``auto`` picks for a d × d matrix, k pairs, on ``device``."""
+    if torch.device(device).type != "cpu":
+        return "dense"
+    if d < AUTO_LANCZOS_MIN_DIM or k > AUTO_LANCZOS_MAX_SHARE * d:
+        return "dense"
+    return "lanczos"
+
+
+def top_eigenpairs(matrix: torch.Tensor, k: int, method: str = "auto", *, tol: float = 1e-10,
+                   seed: int = 0) -> Eigenpairs:
+    """Top ``k`` eigenpairs of the symmetric PSD ``matrix`` (computed in fp64), descending, sign-fixed.
+
+    ``method``: "dense", "lanczos" or "auto" (see the module doc); ``tol`` is ARPACK's relative
+    tolerance, ``seed`` its start vector's. The result is on the matrix's device.
+    """
+    _check(matrix, k, method)
+    a = matrix.to(torch.float64)
+    d = a.shape[0]
+    if k == 0:
+        return Eigenpairs(a.new_zeros(0), a.new_zeros(0, d), "dense")
+    chosen = choose_method(d, k, a.device) if method == "auto" else method
+    if chosen == "lanczos" and k < d - 1:
+        result = _lanczos(a, k, tol, seed)
+        if result is not None:
+            return result
+    return _dense(a, k)
+
+
+def _check(matrix: torch.Tensor, k: int, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown eigen solver {method!r}; choose from {', '.join(METHODS)}")
+    if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+        raise ValueError(f"expected a square matrix tensor, got {shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= matrix.shape[0]:
+        raise ValueError(f"k must be an integer between 0 and the matrix size {matrix.shape[0]}, got {k!r}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError("the matrix has NaN or infinite entries; check the calibration statistics")
+
+
+def _dense(a: torch.Tensor, k: int) -> Eigenpairs:
+    values, vectors = torch.linalg.eigh(a)  # ascending, eigenvectors in columns
+    top = torch.arange(a.shape[0] - 1, a.shape[0] - 1 - k, -1, device=a.device)
+    return Eigenpairs(values[top].clone(), fix_signs(vectors[:, top].T.contiguous()), "dense")
+
+
+def _lanczos(a: torch.Tensor, k: int, tol: float, seed: int) -> Eigenpairs | None:
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    host = a.detach().cpu().contiguous()
+    d = host.shape[0]
+    start = np.random.default_rng(seed).standard_normal(d)
+    try:
+        values, vectors = eigsh(host.numpy(), k=k, which="LA", tol=tol, v0=start, ncv=min(d, max(2 * k + 1, 20)))
+    except ArpackNoConvergence:
+        return None
+    order = np.argsort(-values, kind="stable")
+    theta = torch.from_numpy(np.ascontiguousarray(values[order]))
+    rows = torch.from_numpy(np.ascontiguousarray(vectors[:, order].T))
+    scale = float(theta[0])
+    residual = (host @ rows.T - rows.T * theta).norm(dim=0)
+    if scale <= 0.0 or float(residual.max()) > LANCZOS_RESIDUAL_CHECK * scale:
+        return None
+    return Eigenpairs(theta.to(a.device), fix_signs(rows).to(a.device), "lanczos")
