@@ -15,7 +15,7 @@ Solvers:
 - ``lanczos``: ARPACK on the CPU (a tensor on another device is copied there), a seeded
   start vector, relative tolerance ``tol``. Its answer is checked (every residual
   ‖S v − θ v‖ ≤ 1e-6 · θ₁) and replaced by the dense one if ARPACK did not converge or
-  the check fails, so it never returns an unconverged pair. Like every single-vector
+  the check fails (or ARPACK refuses the matrix), so it never returns an unconverged pair. Like every single-vector
   Krylov method it could miss a copy of an eigenvalue that is repeated *exactly* among
   the top k, which calibration statistics do not have.
 - ``auto``: ``lanczos`` for CPU matrices with d ≥ 256 and k ≤ d/4, else ``dense``
@@ -118,14 +118,14 @@ def _dense(a: torch.Tensor, k: int) -> Eigenpairs:
 
 def _lanczos(a: torch.Tensor, k: int, tol: float, seed: int) -> Eigenpairs | None:
     import numpy as np
-    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+    from scipy.sparse.linalg import ArpackError, eigsh
 
     host = a.detach().cpu().contiguous()
     d = host.shape[0]
     start = np.random.default_rng(seed).standard_normal(d)
     try:
         values, vectors = eigsh(host.numpy(), k=k, which="LA", tol=tol, v0=start, ncv=min(d, max(2 * k + 1, 20)))
-    except ArpackNoConvergence:
+    except ArpackError:  # no convergence, or a degenerate case such as the zero matrix: dense answers
         return None
     order = np.argsort(-values, kind="stable")
     theta = torch.from_numpy(np.ascontiguousarray(values[order]))

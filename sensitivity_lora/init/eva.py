@@ -24,9 +24,12 @@ as PEFT 0.21.2 implements it (read from its source, not copied):
 Differences from PEFT, all deliberate: PEFT's PCA is approximate (randomised ``svd_lowrank``,
 stopped once consecutive batches' components have cosine ≥ τ, on the batches seen until then,
 cycling the data if needed); here it is exact over all calibration tokens. PEFT raises when
-k_m exceeds the input width; so does this. With ``whiten`` and members sharing an input, PEFT
-divides the shared component tensor in place once per member (so a group's rows are divided
-several times); here each module's rows are divided once. Label masks (``use_label_mask``) are
+k_m exceeds the input width; so does this. ``whiten`` changes only the rows' lengths, and
+PEFT's lengths are not reproducible: its singular values grow with the number of (possibly
+repeated) samples its PCA saw, and for members sharing an input it divides the shared component
+tensor in place once per member, so a group's rows end up divided several times (measured on a
+tiny Llama: q/k/v rows 0.0035–0.01 × ours, single modules 2^{-1/4} × ours after one repeat of the
+data). Here each module's rows are divided once, by ((n−1)λ_i)^{1/4}. Label masks (``use_label_mask``) are
 the calibration's business: the sums must already exclude those tokens.
 """
 from __future__ import annotations

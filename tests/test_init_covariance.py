@@ -1,0 +1,60 @@
+"""Centred covariance and second moment from raw sums, against torch.cov / numpy on the tokens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sensitivity_lora.init import centred_covariance, second_moment
+
+
+def tokens(n: int = 700, d: int = 24, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # a large common mean (like massive activations) makes S − nμμᵀ a difference of large numbers
+    return (torch.randn(n, d, generator=g) * torch.linspace(2.0, 0.05, d) + 40.0).to(dtype)
+
+
+def sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    x64 = x.double()
+    return x64.T @ x64, x64.sum(0), x.shape[0]
+
+
+def test_centred_covariance_matches_numpy_cov():
+    x = tokens()
+    cov = centred_covariance(*sums(x))
+    assert cov.dtype == torch.float64 and torch.equal(cov, cov.T)
+    np.testing.assert_allclose(cov.numpy(), np.cov(x.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_second_moment_is_sum_over_count():
+    x = tokens(dtype=torch.bfloat16)
+    s, _, n = sums(x)
+    m = second_moment(s, n)
+    assert m.dtype == torch.float64
+    np.testing.assert_allclose(m.numpy(), (x.double().T @ x.double() / n).numpy(), rtol=1e-12)
+
+
+def test_accepts_integer_like_counts_and_fp32_sums():
+    x = tokens(n=50, d=4)
+    s, t, n = sums(x)
+    a = centred_covariance(s.float(), t.float(), np.int64(n))
+    b = centred_covariance(s, t, n)
+    assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.eye(3), None, 10), "needs Σx"),
+    ((torch.eye(3), torch.zeros(4), 10), r"\(3,\) tensor"),
+    ((torch.eye(3), torch.zeros(3), 1), "at least 2 tokens"),
+    ((torch.eye(3), torch.zeros(3), True), "integer"),
+    ((None, torch.zeros(3), 10), "hessian='full'"),
+    ((torch.zeros(3, 4), torch.zeros(3), 10), "square"),
+])
+def test_bad_sums_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        centred_covariance(*args)
+
+
+def test_second_moment_needs_tokens():
+    with pytest.raises(ValueError, match="no tokens"):
+        second_moment(torch.eye(2), 0)
