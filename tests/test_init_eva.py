@@ -150,7 +150,7 @@ def test_rho_above_threshold_is_cut_like_peft():
     xs = raw_tokens(seed=7)
     got = eva_init(group_sums(xs), 2, 5000.0, order=ORDER, max_param_dim=40)
     assert got.settings["rho"] == 20  # min(5000, 40 // 2)
-    with pytest.raises(ValueError, match="lower rho or r"):
+    with pytest.raises(ValueError, match="ask for fewer"):
         eva_init(group_sums(xs), 2, 5000.0, order=ORDER)  # default max_dim 64 -> cap 64 > 40 features
 
 
@@ -161,9 +161,10 @@ def test_state_dict_and_alpha_pattern():
     assert list(sd) == ["base_model.model." + m for m in ORDER]
     for m in ORDER:
         t = sd["base_model.model." + m]
-        assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == got.components[m].shape
+        assert t.dtype == torch.float64 and t.is_contiguous() and t.shape == got.components[m].shape
         assert t.data_ptr() != got.components[m].data_ptr()
     assert list(to_eva_state_dict(got, prefix=""))[0] == "b.q"
+    assert to_eva_state_dict(got, dtype=torch.float32)["base_model.model.b.q"].dtype == torch.float32
     alphas = alpha_pattern(got.ranks, 2, 16.0)
     assert alphas == got.alpha_pattern(2, 16.0)
     assert all(alphas[m] == 16.0 * got.ranks[m] / 2 for m in alphas)
@@ -175,7 +176,7 @@ def test_state_dict_and_alpha_pattern():
     ({"rho": 0.5}, ">= 1.0"),
     ({"rank_pattern": {"nope": 2}}, "not targets"),
     ({"rank_pattern": {"b.q": 0}}, "positive integers"),
-    ({"r": 30}, "lower rho or r"),  # cap 60 > 40 features (PEFT fails here too)
+    ({"r": 30}, "ask for fewer"),  # cap 60 > 40 features (PEFT fails here too)
     ({"solver": "qr"}, "unknown eigen solver"),
 ])
 def test_bad_settings_are_named(kwargs, match):

@@ -34,10 +34,11 @@ def group_pca(name: str, sums: GroupSums, k: int, solver: str = "auto") -> Group
     """The top ``k`` principal components of group ``name`` (k ≤ d_in and k < n_tokens)."""
     d = sums.xtx.shape[-1]
     if k > d:
-        raise ValueError(f"group {name!r}: {k} components were asked of a {d}-feature input; lower rho or r")
+        raise ValueError(f"group {name!r}: {k} components were asked of a {d}-feature input; "
+                         "ask for fewer (lower r, rho or the module's rank)")
     if sums.n_tokens <= k:
         raise ValueError(f"group {name!r}: {sums.n_tokens} tokens cannot give {k} principal components; "
-                         "calibrate on more text or lower rho or r")
+                         "calibrate on more text or ask for fewer components")
     cov = centred_covariance(sums.xtx, sums.total, sums.n_tokens)
     trace = float(torch.diagonal(cov).sum())
     if not trace > 0.0:

@@ -123,13 +123,15 @@ def alpha_pattern(ranks: Mapping[str, int], r: int, lora_alpha: float,
     return out
 
 
-def to_eva_state_dict(result: InitResult, prefix: str = PEFT_MODEL_PREFIX, dtype: torch.dtype = torch.float32,
+def to_eva_state_dict(result: InitResult, prefix: str = PEFT_MODEL_PREFIX, dtype: torch.dtype = torch.float64,
                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """``{prefix + module: A}`` in PEFT ``get_eva_state_dict``'s format, for ``initialize_lora_eva_weights``.
 
     Every target module gets an entry of shape (rank, d_in), rank-0 modules an empty (0, d_in)
-    tensor (PEFT then replaces that LoRA layer by its base layer). PEFT's own function returns fp32
-    on the model's device, keyed by the names of the model it ran on; its loader matches the
+    tensor (PEFT then replaces that LoRA layer by its base layer). PEFT's own function returns fp64
+    (its IncrementalPCA promotes to fp64 from the second batch on, and it always fits at least two)
+    on the model's device, keyed by the names of the model it ran on; its loader copies into the
+    LoRA weight's dtype and matches the
     *PeftModel's* names, hence the default ``prefix`` "base_model.model." (use "" for a dict keyed
     like the base model). PEFT's loader pops entries from the dict it is given: pass a copy to reuse it.
     """
