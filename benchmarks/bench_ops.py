@@ -5,7 +5,7 @@
 Groups are ``<op>/<size>/<dtype>``; the last test prints a table of medians and of ratios to the
 reference and to the baselines (``H.addmm_(x.T, x)`` in fp32, ``torch.linalg.cholesky``), which
 is what benchmarks/RESULTS.md records. The cpu ``accumulate_xtx`` runs on its default product path
-(scipy's OpenBLAS SYRK when available, else at::mm blocks; see ``_native.use_external_syrk``). Without ``SL_BENCH_FULL`` a small grid runs; under
+(scipy's OpenBLAS SYRK when available, else at::mm blocks; see ``sensitivity_lora.ops.native.use_external_syrk``). Without ``SL_BENCH_FULL`` a small grid runs; under
 ``--benchmark-disable`` (CI) every function runs once, as a smoke test of every backend.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 
-from sensitivity_lora import ops, reference
+from sensitivity_lora import ops
+from sensitivity_lora.ops import reference
 
 FULL = os.environ.get("SL_BENCH_FULL", "") == "1"
 DIMS = (576, 1536, 4096) if FULL else (576,)

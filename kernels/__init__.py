@@ -2,7 +2,7 @@
 
 sumsq.py (accumulate_sumsq), xtx.py (accumulate_xtx), diag_stats.py (diag_stats),
 cholesky.py (blocked Cholesky with a Triton trailing update; cholesky_damped).
-They are registered as the "triton" backend by ``sensitivity_lora._triton``. Each
+They are registered as the "triton" backend by ``sensitivity_lora.ops.triton_backend``. Each
 runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
 Launch configurations are fixed per dtype (no autotuning).
 """

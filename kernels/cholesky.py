@@ -17,7 +17,7 @@ import triton.language as tl
 from ._launch import check_device, interpreting
 
 # One damping policy and one error type for every backend.
-from sensitivity_lora.reference import NotPositiveDefiniteError, damped_factorisation  # noqa: F401
+from sensitivity_lora.ops.reference import NotPositiveDefiniteError, damped_factorisation  # noqa: F401
 
 
 @triton.jit

@@ -5,7 +5,7 @@ a bounded tile and compiles quickly: the j-th largest entry is found by
 bisection on the fp64 bit pattern (order-preserving for entries ≥ 0), and the
 cumulative sum C_i of the sorted diagonal is the sum of the entries ≥ the
 i-th largest one (ties resolved in closed form). The closed forms of
-METHOD.md §3 are then evaluated in fp64, with the reference's tolerances.
+docs/method.md §3 are then evaluated in fp64, with the reference's tolerances.
 Entries must be ≥ 0 (they are sums of squares); negative ones count as 0.
 """
 from __future__ import annotations
@@ -15,8 +15,6 @@ import triton
 import triton.language as tl
 
 from ._launch import check_device, interpreting
-
-_INF_KEY = 0x7FF0000000000000  # bit pattern of +inf: above every finite entry
 
 
 @triton.jit

@@ -12,16 +12,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .models import MissingPackageError, package_dir
+from .errors import DataError, MissingPackageError
+from .models import package_dir
 
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl",)
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-class DataError(ValueError):
-    """Calibration data that cannot be used; the message names the file or line and the fix."""
 
 
 # --- the embedded default -------------------------------------------------------------------------------

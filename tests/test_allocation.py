@@ -1,4 +1,4 @@
-"""Fusion, SRA / PRA / uniform allocation, the result type and Kendall τ (METHOD.md §4, §5).
+"""Fusion, SRA / PRA / uniform allocation, the result type and Kendall τ (docs/method.md §4, §5).
 
 Expected numbers are worked out by hand in the comments, not by calling the code under test."""
 from __future__ import annotations
@@ -9,18 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from sensitivity_lora.allocation import (
-    Allocation,
-    ModuleAllocation,
-    allocate,
-    allocate_pra,
-    allocate_sra,
-    allocate_uniform,
-    fuse,
-    kendall_tau,
-    water_fill,
-)
-from sensitivity_lora.metrics import ModuleMetrics
+from sensitivity_lora.scoring.allocate import allocate
+from sensitivity_lora.scoring.fusion import fuse
+from sensitivity_lora.scoring.metrics import ModuleMetrics
+from sensitivity_lora.scoring.result import Allocation, ModuleAllocation, kendall_tau
+from sensitivity_lora.scoring.rules import allocate_pra, allocate_sra, allocate_uniform, water_fill
 
 SQ2, SQ6 = math.sqrt(2.0), math.sqrt(6.0)
 
@@ -264,7 +257,7 @@ def test_params_mode_never_exceeds_the_budget():
 # ---------------------------------------------------------------- PRA and uniform
 
 def test_pra_method_example():
-    # METHOD.md: 6 matrices, r̄ = 5, C = 3 → tiers get 5 + 1 − c = 6, 5, 4; two modules per tier.
+    # docs/method.md §5: 6 matrices, r̄ = 5, C = 3 → tiers get 5 + 1 − c = 6, 5, 4; two modules per tier.
     # θ order: module 1 (.9), 4 (.8) | 2 (.5), 3 (.3) | 5 (.2), 0 (.1).
     theta = np.array([0.1, 0.9, 0.5, 0.3, 0.8, 0.2])
     np.testing.assert_array_equal(allocate_pra(theta, 5, 3), [4, 6, 5, 5, 6, 4])
@@ -307,11 +300,12 @@ def _metrics(n: int = 6, seed: int = 0) -> dict[str, ModuleMetrics]:
 
 def test_allocate_records_everything_and_keeps_model_order():
     metrics = _metrics(9)
-    alloc = allocate(metrics, 8, extra_settings={"scope": "matrix", "hessian": "diag"})
+    alloc = allocate(metrics, 8, extra_settings={"n_tokens": 100})
     assert list(alloc.modules) == list(metrics)
     assert alloc.method == "sra" and alloc.budget == 72 == alloc.total_rank() and alloc.budget_mode == "rank"
-    assert alloc.settings == {"fusion": "sigma_mu2", "r_min": 1, "rho": 4.0, "r_max": None, "tiers": 3,
-                              "scope": "matrix", "hessian": "diag"}
+    assert alloc.settings == {"hessian": "diag", "scope": "matrix", "topk": 0.5, "energy": 0.85,
+                              "fusion": "sigma_mu2", "r_min": 1, "rho": 4.0, "r_max": None, "tiers": 3,
+                              "n_tokens": 100}
     for name, m in alloc.modules.items():
         assert (m.trace, m.topk, m.eff_rank, m.d_in, m.d_out, m.group) == (
             metrics[name].trace, metrics[name].topk, metrics[name].eff_rank, metrics[name].d_in,
@@ -361,6 +355,7 @@ def test_allocate_rounds_a_fractional_budget_and_records_it():
     ({"rho": 0}, "rho must be a positive number"),
     ({"r_max": 0}, "r_max must be an int >= 1"),
     ({"extra_settings": {"fusion": "x"}}, "may not override 'fusion'"),
+    ({"extra_settings": {"method": "x"}}, "may not override 'method'"),
     ({"avg_rank": 0}, "avg_rank must be a positive"),
     ({"r_min": 9}, "infeasible budget"),
 ])
@@ -376,8 +371,7 @@ def test_allocate_needs_modules():
 
 
 def test_json_round_trip_is_exact_and_plain(tmp_path):
-    alloc = allocate(_metrics(9, seed=4), 8, rho=math.inf, extra_settings={"scope": "matrix", "topk": 0.5,
-                                                                            "targets": ("q_proj", "k_proj")})
+    alloc = allocate(_metrics(9, seed=4), 8, rho=math.inf, extra_settings={"targets": ("q_proj", "k_proj")})
     path = tmp_path / "allocation.json"
     alloc.save(path)
     text = path.read_text()

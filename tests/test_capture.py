@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
-from sensitivity_lora.capture import calibrate
-from sensitivity_lora.statistics import CalibrationError
-from sensitivity_lora.targets import TargetError, block_containers, resolve_targets
+from sensitivity_lora.calibration.one_pass import calibrate
+from sensitivity_lora.errors import CalibrationError, TargetError
+from sensitivity_lora.calibration.targets import block_containers, resolve_targets
 
 
 def _groups(stats) -> list[list[str]]:

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import random_batches, tiny_llama
-from sensitivity_lora.capture import calibrate
-from sensitivity_lora.hessian_io import load_hessians
+from sensitivity_lora.calibration.one_pass import calibrate
+from sensitivity_lora.hessians import load_hessians
+
 
 pytestmark = [pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -33,18 +34,18 @@ def _free_port() -> int:
 
 def _body(out: Path) -> None:
     """What every rank runs (under mp.spawn or torchrun): export, and allocate streamed and one-pass."""
-    from sensitivity_lora.distributed import (compute_allocation_distributed, export_hessians_distributed,
-                                              init_from_env, rank_and_world)
+    from sensitivity_lora import compute_allocation, export_hessians, init_from_env
+    from sensitivity_lora.calibration.distributed import rank_and_world
 
     torch.set_num_threads(1)
     assert init_from_env(backend="gloo", timeout_s=TIMEOUT_S)
     rank, world = rank_and_world()
     model, batches = tiny_llama(), random_batches(N_BATCHES, seed=3)
-    export_hessians_distributed(model, batches, out / "hessians", hessian="full", progress=False)
+    export_hessians(model, batches, out / "hessians", hessian="full", distributed=True, progress=False)
     result = {}
     for streaming in (True, False):
-        allocation = compute_allocation_distributed(model, batches, avg_rank=4, hessian="full", streaming=streaming,
-                                                    progress=False, out=out / f"allocation_{streaming}.json")
+        allocation = compute_allocation(model, batches, avg_rank=4, hessian="full", streaming=streaming,
+                                        distributed=True, progress=False)
         result[str(streaming)] = allocation.to_dict()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -68,8 +69,7 @@ def _check_outputs(out: Path) -> None:
             rel = float((mine - theirs).abs().max() / theirs.abs().max())
             assert rel <= 1e-10, f"{name}: relative difference {rel:.2e}"
 
-    pytest.importorskip("sensitivity_lora.allocation")
-    from sensitivity_lora.pipeline import compute_allocation
+    from sensitivity_lora import compute_allocation
 
     expected = compute_allocation(model, batches, avg_rank=4, hessian="full", progress=False)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -79,7 +79,7 @@ def _check_outputs(out: Path) -> None:
         assert {n: m["rank"] for n, m in got.items()} == expected.ranks()
         for n, m in expected.modules.items():
             assert got[n]["theta"] == pytest.approx(m.theta, rel=1e-10)
-        assert (out / f"allocation_{streaming}.json").is_file()  # written by rank 0
+        assert ranks[0][streaming]["settings"]["world_size"] == 2
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
@@ -121,7 +121,7 @@ def test_under_torchrun(tmp_path):
 
 
 def test_shard_and_structure_errors():
-    from sensitivity_lora.distributed import all_reduce_statistics, shard_batches
+    from sensitivity_lora.calibration.distributed import all_reduce_statistics, shard_batches
 
     assert shard_batches(list(range(5)), 1, 2) == [1, 3]
     with pytest.raises(ValueError, match="cannot feed 4 processes"):

@@ -176,7 +176,7 @@ def test_param_mode_matches_uniform_parameter_count(lm_runs):
 def test_lora_params_counts_the_real_adapter_weights(tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from sensitivity_lora.targets import resolve_targets
+    from sensitivity_lora.calibration.targets import resolve_targets
 
     model = tiny_llama(vocab=tokenizer.vocab_size)
     targets = resolve_targets(model)
@@ -251,7 +251,7 @@ def test_report_means_stds_and_paired_differences(tmp_path):
 def test_cli_registers_the_evaluate_subcommands():
     import argparse
 
-    from sensitivity_lora import cli_evaluate
+    from sensitivity_lora.cli import evaluate as cli_evaluate
 
     parser = argparse.ArgumentParser()
     cli_evaluate.add_parser(parser.add_subparsers(dest="command"))

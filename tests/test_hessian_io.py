@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_gpt2, tiny_llama
-from sensitivity_lora import hessian_io, streaming
-from sensitivity_lora.hessian_io import export_hessians, load_hessian, load_hessians
+from sensitivity_lora.calibration import streaming
+from sensitivity_lora.hessians.format import save_group
+from sensitivity_lora.hessians import export_hessians, load_hessian, load_hessians
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built")
 
@@ -132,11 +134,11 @@ def test_interrupted_export_resumes_to_the_same_files(tmp_path, monkeypatch):
 
 
 def test_group_round_trip_keeps_statistics(tmp_path):
-    from sensitivity_lora.capture import calibrate
+    from sensitivity_lora.calibration.one_pass import calibrate
 
     stats = calibrate(tiny_llama(), random_batches(2), hessian="full", progress=False)
     group = stats.groups["model.layers.0.mlp.gate_proj"]
-    hessian_io.save_group(tmp_path / "g.safetensors", group, stats.dims)
+    save_group(tmp_path / "g.safetensors", group, stats.dims)
     back = load_hessian(tmp_path / "g.safetensors").statistics()
     assert torch.equal(back.raw_xtx(), group.raw_xtx()) and torch.equal(back.sumsq, group.sumsq)
     assert (back.n_tokens, back.n_sequences, back.members) == (group.n_tokens, group.n_sequences, group.members)

@@ -41,7 +41,7 @@ def test_smollm2_default_allocation_is_exact_and_peft_obeys(smollm2):
     for name, r in ranks.items():
         types.setdefault(name.rsplit(".", 1)[-1], []).append(r)
     mean = {t: sum(v) / len(v) for t, v in types.items()}
-    assert mean["down_proj"] > mean["k_proj"], mean  # METHOD.md §5: down_proj is the most sensitive type
+    assert mean["down_proj"] > mean["k_proj"], mean  # docs/method.md §5: down_proj is the most sensitive type
 
 
 def test_smollm2_stability_across_disjoint_halves(smollm2, record_property):

@@ -1,4 +1,4 @@
-"""Metrics (METHOD.md §3): closed forms against brute force on the explicitly repeated diagonal,
+"""Metrics (docs/method.md §3): closed forms against brute force on the explicitly repeated diagonal,
 hand examples for each scope, and the errors for out-of-range settings."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sensitivity_lora import ops
-from sensitivity_lora.metrics import SCOPES, MetricSettings, ModuleMetrics, module_metrics
+from sensitivity_lora.settings import SCOPES, AllocationSettings
+from sensitivity_lora.scoring.metrics import ModuleMetrics, module_metrics
 
 
 def _backends() -> list:
@@ -73,7 +74,7 @@ def test_closed_form_matches_brute_force_on_random_sizes(backend, device):
         k = rng.randint(1, m)
         alpha = rng.choice([rng.random() * 0.999 + 0.001, 1.0, 0.85])
         got = module_metrics(torch.tensor(values, dtype=torch.float64, device=device), d_out, "g",
-                             MetricSettings("matrix", k, alpha), backend=backend)
+                             AllocationSettings(scope="matrix", topk=k, energy=alpha), backend=backend)
         trace, topk, eff = brute_force(values, d_out, k, alpha)
         assert got.trace == pytest.approx(trace, rel=1e-12)
         assert got.topk == pytest.approx(topk, rel=1e-12)
@@ -100,7 +101,7 @@ def test_effective_rank_at_exact_fraction_boundaries(backend, device):
                 continue
             assert Fraction(float(alpha)) == alpha  # the test's premise: α is exact in binary
             got = module_metrics(torch.tensor(values, dtype=torch.float64, device=device), d_out, "g",
-                                 MetricSettings("matrix", 1, float(alpha)), backend=backend)
+                                 AllocationSettings(scope="matrix", topk=1, energy=float(alpha)), backend=backend)
             assert got.eff_rank == exact_eff_rank(values, d_out, alpha), (values, d_out, j)
 
 
@@ -121,16 +122,16 @@ def test_matrix_scope_hand_example_with_exact_alpha():
     # α = 0.75 → 12 at j = 4; α = 0.8125 → 13 at j = 5; α = 1 → 16 at j = 8.
     diag = torch.tensor([1.0, 4.0, 1.0, 2.0])
     for alpha, expected in [(0.625, 3), (0.75, 4), (0.8125, 5), (1.0, 8), (0.25, 1)]:
-        assert module_metrics(diag, 2, "g", MetricSettings(alpha=alpha)).eff_rank == expected
+        assert module_metrics(diag, 2, "g", AllocationSettings(energy=alpha)).eff_rank == expected
 
 
 def test_row_scope_ignores_d_out():
     # Row scope on diag [1, 3, 2]: m = 3, k = floor(3/2) = 1 → S_t = 3; S_g = T = 6;
     # αT = 5.1 → running sums 3, 5, 6 → S_e = 3.
-    got = module_metrics(torch.tensor([1.0, 3.0, 2.0]), 2, "g", MetricSettings(scope="row"))
+    got = module_metrics(torch.tensor([1.0, 3.0, 2.0]), 2, "g", AllocationSettings(scope="row"))
     assert (got.trace, got.topk, got.eff_rank) == (6.0, 3.0, 3.0)
     assert got.d_out == 2  # the module's shape is kept even though the metric ignores it
-    wide = module_metrics(torch.tensor([1.0, 3.0, 2.0]), 50, "g", MetricSettings(scope="row"))
+    wide = module_metrics(torch.tensor([1.0, 3.0, 2.0]), 50, "g", AllocationSettings(scope="row"))
     assert (wide.trace, wide.topk, wide.eff_rank) == (got.trace, got.topk, got.eff_rank)
 
 
@@ -138,7 +139,7 @@ def test_eigen_scope_hand_example_and_clamping():
     # Eigenvalues [4, 1, 0, −1e−12] clamp to [4, 1, 0, 0]; d_out = 2 → [4,4,1,1,0,0,0,0], m = 8.
     # S_g = 10; k = 4: S_t = (4+4+1+1)/4 = 2.5; α = 0.85: 8.5 first reached at running sum 9, j = 3.
     diag = torch.tensor([2.0, 1.0, 1.0, 1.0])  # only its length matters here
-    got = module_metrics(diag, 2, "g", MetricSettings(scope="eigen"), eigvals=torch.tensor([4.0, 1.0, 0.0, -1e-12]))
+    got = module_metrics(diag, 2, "g", AllocationSettings(hessian="full", scope="eigen"), eigvals=torch.tensor([4.0, 1.0, 0.0, -1e-12]))
     assert (got.trace, got.topk, got.eff_rank) == (10.0, 2.5, 3.0)
 
 
@@ -147,7 +148,7 @@ def test_eigen_scope_matches_brute_force_on_a_real_hessian():
     x = torch.randn(64, 12, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 12, dtype=torch.float64)
     H = 2.0 / 64 * x.T @ x
     eig = torch.linalg.eigvalsh(H).flip(0).clamp_min(0.0)
-    got = module_metrics(H.diagonal().clone(), 5, "g", MetricSettings(scope="eigen", topk=0.25, alpha=0.9), eigvals=eig)
+    got = module_metrics(H.diagonal().clone(), 5, "g", AllocationSettings(hessian="full", scope="eigen", topk=0.25, energy=0.9), eigvals=eig)
     k = math.floor(0.25 * 60)
     trace, topk, eff = brute_force(eig.tolist(), 5, k, 0.9)
     assert got.trace == pytest.approx(trace, rel=1e-12)
@@ -158,9 +159,9 @@ def test_eigen_scope_matches_brute_force_on_a_real_hessian():
 
 def test_eigen_scope_without_eigenvalues_is_a_clear_error():
     with pytest.raises(ValueError, match="hessian='full'"):
-        module_metrics(torch.ones(4), 2, "g", MetricSettings(scope="eigen"))
+        module_metrics(torch.ones(4), 2, "g", AllocationSettings(hessian="full", scope="eigen"))
     with pytest.raises(ValueError, match="eigvals has 3 entries"):
-        module_metrics(torch.ones(4), 2, "g", MetricSettings(scope="eigen"), eigvals=torch.ones(3))
+        module_metrics(torch.ones(4), 2, "g", AllocationSettings(hessian="full", scope="eigen"), eigvals=torch.ones(3))
 
 
 def test_topk_fraction_and_absolute():
@@ -168,47 +169,48 @@ def test_topk_fraction_and_absolute():
     # fraction 0.5 → k = floor(7.5) = 7: [5,5,5,4,4,4,3] → 30/7.
     assert module_metrics(diag, 3, "g").topk == pytest.approx(30 / 7)
     # fraction 0.2 → k = 3: [5,5,5] → 5.  fraction 1.0 → k = 15: mean of all = 45/15 = 3.
-    assert module_metrics(diag, 3, "g", MetricSettings(topk=0.2)).topk == 5.0
-    assert module_metrics(diag, 3, "g", MetricSettings(topk=1.0)).topk == 3.0
+    assert module_metrics(diag, 3, "g", AllocationSettings(topk=0.2)).topk == 5.0
+    assert module_metrics(diag, 3, "g", AllocationSettings(topk=1.0)).topk == 3.0
     # fraction 0.01 → floor(0.15) = 0, raised to k = 1: 5.
-    assert module_metrics(diag, 3, "g", MetricSettings(topk=0.01)).topk == 5.0
+    assert module_metrics(diag, 3, "g", AllocationSettings(topk=0.01)).topk == 5.0
     # int 4 → [5,5,5,4] → 19/4; int 15 = m is allowed.
-    assert module_metrics(diag, 3, "g", MetricSettings(topk=4)).topk == 19 / 4
-    assert module_metrics(diag, 3, "g", MetricSettings(topk=15)).topk == 3.0
+    assert module_metrics(diag, 3, "g", AllocationSettings(topk=4)).topk == 19 / 4
+    assert module_metrics(diag, 3, "g", AllocationSettings(topk=15)).topk == 3.0
 
 
 def test_topk_fraction_uses_the_written_decimal():
     # 0.29 · 100 is 28.999999999999996 in binary floating point; the user meant k = 29.
-    assert MetricSettings(topk=0.29).k_for(100) == 29
-    assert MetricSettings(topk=0.5).k_for(7) == 3
+    assert AllocationSettings(topk=0.29).k_for(100) == 29
+    assert AllocationSettings(topk=0.5).k_for(7) == 3
 
 
-@pytest.mark.parametrize("settings, field", [
-    (MetricSettings(topk=0), "topk"),
-    (MetricSettings(topk=-3), "topk"),
-    (MetricSettings(topk=0.0), "topk"),
-    (MetricSettings(topk=1.5), "topk"),
-    (MetricSettings(topk=float("nan")), "topk"),
-    (MetricSettings(topk=True), "topk"),
-    (MetricSettings(topk="half"), "topk"),
-    (MetricSettings(alpha=0.0), "alpha"),
-    (MetricSettings(alpha=1.01), "alpha"),
-    (MetricSettings(alpha=-0.5), "alpha"),
-    (MetricSettings(alpha=float("nan")), "alpha"),
-    (MetricSettings(scope="column"), "scope"),
+@pytest.mark.parametrize("changes, field", [
+    ({"topk": 0}, "topk"),
+    ({"topk": -3}, "topk"),
+    ({"topk": 0.0}, "topk"),
+    ({"topk": 1.5}, "topk"),
+    ({"topk": float("nan")}, "topk"),
+    ({"topk": True}, "topk"),
+    ({"topk": "half"}, "topk"),
+    ({"energy": 0.0}, "energy"),
+    ({"energy": 1.01}, "energy"),
+    ({"energy": -0.5}, "energy"),
+    ({"energy": float("nan")}, "energy"),
+    ({"scope": "column"}, "scope"),
+    ({"scope": "eigen"}, "full Hessian"),
 ])
-def test_out_of_range_settings_name_the_field(settings, field):
+def test_out_of_range_settings_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
-        settings.validate()
+        AllocationSettings(**changes)
     with pytest.raises(ValueError, match=field):
-        module_metrics(torch.ones(4), 2, "g", settings)
+        AllocationSettings().replace(**changes)
 
 
 def test_absolute_topk_larger_than_m_is_an_error():
     with pytest.raises(ValueError, match="topk=9 exceeds the m=8"):
-        module_metrics(torch.ones(4), 2, "g", MetricSettings(topk=9))
+        module_metrics(torch.ones(4), 2, "g", AllocationSettings(topk=9))
     with pytest.raises(ValueError, match="topk=5 exceeds the m=4"):
-        module_metrics(torch.ones(4), 2, "g", MetricSettings(scope="row", topk=5))
+        module_metrics(torch.ones(4), 2, "g", AllocationSettings(scope="row", topk=5))
 
 
 @pytest.mark.parametrize("diag, d_out, message", [

@@ -15,8 +15,7 @@ from oracles import (ACCUMULATION_RTOL, FLOAT_DTYPES, FP32_FACTOR_RTOL, FP64_RTO
                      assert_factor_close, assert_sums_close, case_seed, floored, op_for, oracle_diag_stats,
                      oracle_sumsq, spd, token_mask, with_eigenvalues)
 from sensitivity_lora import ops
-from sensitivity_lora.reference import NotPositiveDefiniteError
-
+from sensitivity_lora.errors import NotPositiveDefiniteError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BACKENDS = ("reference", "cpu")
@@ -164,7 +163,7 @@ def test_diag_stats_exact_fractions_ties_and_zeros(backend):
 def test_diag_stats_large_matches_reference_closed_form(backend):
     # Sizes of real models (oracle too big to expand; the closed form is checked by the test above).
     fn = op_for("diag_stats", backend)
-    from sensitivity_lora import reference
+    from sensitivity_lora.ops import reference
 
     diag = torch.rand(14336, dtype=torch.float64) ** 4
     for d_out, k, alpha in [(4096, 14336 * 4096 // 2, 0.85), (1, 7168, 0.85), (576, 5, 0.99)]:

@@ -33,7 +33,7 @@ def xtx_for():
         if backend == "reference":
             return op_for("accumulate_xtx", "reference")
         fn = op_for("accumulate_xtx", "cpu")
-        from sensitivity_lora import _native
+        from sensitivity_lora.ops import native as _native
         touched.append(_native)
         if _native.use_external_syrk(backend == "cpu-syrk") != (backend == "cpu-syrk"):
             pytest.skip("scipy's BLAS is not OpenBLAS (no ssyrk with a thread setter): SYRK path unavailable")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
 from sensitivity_lora import compute_allocation, get_peft_model, lora_config, verify_ranks
-from sensitivity_lora.peft_integration import RankMismatchError
+from sensitivity_lora.errors import RankMismatchError
 
 
 def _allocation(model, **kw):
@@ -89,7 +89,7 @@ def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(
     model = tiny_llama()
     with pytest.raises(ValueError, match="lora_alpha"):
         get_peft_model(model, [], avg_rank=4, lora_kwargs={"lora_alpha": 16})  # [] would fail calibration
-    import sensitivity_lora.peft_integration as pi
+    import sensitivity_lora.peft as pi
 
     def refuse(*args, **kwargs):
         raise RankMismatchError("forced")
@@ -103,7 +103,7 @@ def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(
 def test_lora_config_from_ranks_skips_rank_zero_keeps_the_scale_and_rejects_bad_ranks():
     from peft import get_peft_model as peft_get_peft_model
 
-    from sensitivity_lora.peft_integration import lora_config_from_ranks
+    from sensitivity_lora.peft import lora_config_from_ranks
 
     model = tiny_llama()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sensitivity_lora.allocation import Allocation, ModuleAllocation
+from sensitivity_lora.scoring.result import Allocation, ModuleAllocation
 from sensitivity_lora.report import layer_index, module_type, plot_ranks, rank_table
 
 LLAMA_TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_llama
-from sensitivity_lora.capture import calibrate
-from sensitivity_lora.reference import NotPositiveDefiniteError
-from sensitivity_lora.statistics import CalibrationError, GroupStatistics, normalisation_factor
+from sensitivity_lora.calibration.one_pass import calibrate
+from sensitivity_lora.errors import NotPositiveDefiniteError, CalibrationError
+from sensitivity_lora.calibration.statistics import GroupStatistics, normalisation_factor
 
 
 def test_full_and_diag_agree_on_the_diagonal():

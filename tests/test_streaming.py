@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
-from sensitivity_lora import streaming
-from sensitivity_lora.capture import calibrate
-from sensitivity_lora.pipeline import compute_allocation
-from sensitivity_lora.checkpoint import BlockCheckpoint, CheckpointMismatchError
-from sensitivity_lora.statistics import CalibrationError, GroupStatistics
-from sensitivity_lora.streaming import iter_block_statistics
+from sensitivity_lora.calibration import streaming
+from sensitivity_lora.calibration.one_pass import calibrate
+from sensitivity_lora.api import compute_allocation
+from sensitivity_lora.calibration.checkpoint import BlockCheckpoint
+from sensitivity_lora.errors import CheckpointMismatchError, CalibrationError
+from sensitivity_lora.calibration.statistics import GroupStatistics
+from sensitivity_lora.calibration.streaming import iter_block_statistics
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built")
 
@@ -99,12 +101,11 @@ def test_sliding_window_layers_get_their_own_mask():
 
 
 def test_allocation_streaming_equals_compute_allocation():
-    pytest.importorskip("sensitivity_lora.allocation")
 
     model, batches = tiny_llama(), random_batches(3)
     for kwargs in ({}, {"hessian": "full", "scope": "eigen"}, {"method": "pra"}):
         expected = compute_allocation(model, batches, avg_rank=4, progress=False, **kwargs)
-        got = streaming.compute_allocation_streaming(model, batches, avg_rank=4, progress=False, **kwargs)
+        got = compute_allocation(model, batches, avg_rank=4, streaming=True, progress=False, **kwargs)
         assert got.to_dict() == expected.to_dict()
 
 
@@ -284,20 +285,19 @@ def test_killed_after_block_k_resumes_to_the_same_result(tmp_path, monkeypatch, 
 
 
 def _as_stats(groups):
-    from sensitivity_lora.capture import CalibrationStatistics
+    from sensitivity_lora.calibration.statistics import CalibrationStatistics
 
     return CalibrationStatistics(groups, {}, {}, next(iter(groups.values())).mode)
 
 
 def test_resumed_allocation_equals_uninterrupted(tmp_path, monkeypatch):
-    pytest.importorskip("sensitivity_lora.allocation")
     model, batches = _three_block_llama(), random_batches(3)
-    expected = streaming.compute_allocation_streaming(model, batches, avg_rank=4, progress=False)
+    expected = compute_allocation(model, batches, avg_rank=4, streaming=True, progress=False)
     with monkeypatch.context() as m:
         _crash_at_block(m, 1)
         with pytest.raises(_Killed):
-            streaming.compute_allocation_streaming(model, batches, avg_rank=4, progress=False, checkpoint_dir=tmp_path)
-    got = streaming.compute_allocation_streaming(model, batches, avg_rank=4, progress=False, checkpoint_dir=tmp_path)
+            compute_allocation(model, batches, avg_rank=4, streaming=True, progress=False, checkpoint_dir=tmp_path)
+    got = compute_allocation(model, batches, avg_rank=4, streaming=True, progress=False, checkpoint_dir=tmp_path)
     assert got.to_dict() == expected.to_dict()
 
 
@@ -317,8 +317,9 @@ _KILLED_RUN = textwrap.dedent("""
     import torch
     from conftest import random_batches
     from test_streaming import _three_block_llama
-    from sensitivity_lora.checkpoint import BlockCheckpoint
-    from sensitivity_lora.streaming import iter_block_statistics
+    from sensitivity_lora.calibration.checkpoint import BlockCheckpoint
+    from sensitivity_lora.calibration.streaming import iter_block_statistics
+
     torch.set_num_threads(1)
     kill_after = int(sys.argv[2])
     ckpt = BlockCheckpoint(sys.argv[1])

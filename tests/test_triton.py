@@ -245,7 +245,7 @@ def _check(case: dict, t: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
         H = get("H").cpu()
         assert int(out[f"{name}.info"]) == 0
         assert_factor_close(out[f"{name}.L"].cpu(), H, FP64_RTOL)
-        from sensitivity_lora import reference
+        from sensitivity_lora.ops import reference
 
         L_ref, damp_ref, tries_ref = reference.cholesky_damped(H)
         damp, tries = out[f"{name}.damp"].tolist()

@@ -1,5 +1,5 @@
 // Trace, top-k mean and effective rank of a diagonal repeated d_out times
-// (METHOD.md §3, closed form), by selection instead of a full sort.
+// (docs/method.md §3, closed form), by selection instead of a full sort.
 //
 // Top-k needs only the sum of the q largest values and the (q+1)-th; the
 // effective rank needs the index i* where the descending prefix sum first

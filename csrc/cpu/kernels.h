@@ -58,7 +58,7 @@ bool xtx_syrk_tokens_usable(int64_t rows, int64_t d, int threads);
 void xtx_syrk_tokens(const Activation& x, const bool* mask, int64_t chunk, double* acc, int64_t ld_acc, double* diag,
                      int threads);
 
-// Result of diag_stats: trace, top-k mean and effective rank (METHOD.md §3).
+// Result of diag_stats: trace, top-k mean and effective rank (docs/method.md §3).
 struct DiagStats {
   double trace;
   double topk_mean;

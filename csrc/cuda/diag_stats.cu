@@ -1,4 +1,4 @@
-// Trace, top-k mean and effective rank of a Hessian diagonal (METHOD.md section 3), one block.
+// Trace, top-k mean and effective rank of a Hessian diagonal (docs/method.md section 3), one block.
 //
 // A selection scheme instead of a sort (no shared-memory limit on d): the j-th largest entry is
 // found by bisection on the fp64 bit pattern (order-preserving for entries >= 0), and the

@@ -38,7 +38,7 @@ cudaError_t sl_xtx_launch(const void* x, int dtype, int64_t n_tokens, int64_t d,
                           void* workspace, cudaStream_t stream);
 
 // out[0..2] = trace, top-k mean, effective rank of diag (length d, float64, entries >= 0)
-// repeated d_out times; k = q * d_out + s (METHOD.md section 3). out is float64 device memory.
+// repeated d_out times; k = q * d_out + s (docs/method.md section 3). out is float64 device memory.
 cudaError_t sl_diag_stats_launch(const double* diag, int64_t d, int64_t d_out, int64_t k,
                                  double alpha, double* out, cudaStream_t stream);
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..peft_integration import base_module_name
-from ..targets import module_dims
+from ..calibration.targets import module_dims
+from ..peft import base_module_name, lora_layers
 
 
 def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str = "default") -> dict[str, int]:
@@ -20,15 +20,10 @@ def adapter_ranks(peft_model: nn.Module, targets: list[str], adapter_name: str =
     (``rank_pattern``); before the mask exists it is the initial rank. A target
     without a LoRA layer (EVA can give a module no rank at all) has rank 0.
     """
-    from peft.tuners.lora import LoraLayer
-
     wanted = set(targets)
     pattern = _adalora_pattern(peft_model, adapter_name)
     found: dict[str, int] = {}
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
-            continue
-        target = base_module_name(name, wanted)
+    for _, target, module in lora_layers(peft_model, wanted, adapter_name):
         if target is None:
             continue
         rank = int(module.r[adapter_name])

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..targets import resolve_targets
+from ..calibration.targets import resolve_targets
 from .budget import adapter_ranks
 
 
@@ -117,8 +117,8 @@ def build_adapted(
 
         peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
     elif method.kind == "sensitivity":
-        from ..peft_integration import lora_config, verify_ranks
-        from ..pipeline import compute_allocation
+        from ..peft import lora_config, verify_ranks
+        from ..api import compute_allocation
 
         allocation = compute_allocation(model, calibration, avg_rank=avg_rank, target_modules=targets,
                                         progress=False, **dict(method.allocation))
@@ -127,7 +127,7 @@ def build_adapted(
     elif method.kind == "eva":
         peft_model = _eva(model, avg_rank, alpha, targets, float(method.allocation["rho"]), calibration, common)
     elif method.kind == "eva-ranks":
-        from ..peft_integration import lora_config_from_ranks
+        from ..peft import lora_config_from_ranks
 
         eva_model = _eva(copy.deepcopy(model), avg_rank, alpha, targets, float(method.allocation["rho"]),
                          calibration, common)

@@ -11,7 +11,6 @@ from typing import Any, Iterable
 from .methods import METHODS
 
 SCORES = {"classification": ("accuracy", "macro_f1"), "causal_lm": ("perplexity",)}
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "perplexity": False}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -85,8 +84,8 @@ def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
     return "\n".join([head, *lines])
 
 
-def module_type(name: str) -> str:
-    """A module's type: its name inside its block (after the block index), e.g. ``self_attn.q_proj``."""
+def path_in_block(name: str) -> str:
+    """A module's path inside its block (after the block index), e.g. ``self_attn.q_proj``."""
     parts = name.split(".")
     last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=len(parts) - 2)
     return ".".join(parts[last_index + 1:])
@@ -97,11 +96,11 @@ def rank_by_type_table(records: list[dict[str, Any]], task: str, avg_rank: int) 
     runs = [r for r in records if r["task"] == task and r["avg_rank"] == avg_rank and "ranks" in r]
     if not runs:
         return ""
-    types = list(dict.fromkeys(module_type(n) for n in runs[0]["ranks"]))
+    types = list(dict.fromkeys(path_in_block(n) for n in runs[0]["ranks"]))
     by_method: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         for name, rank in r["ranks"].items():
-            by_method[r["method"]][module_type(name)].append(rank)
+            by_method[r["method"]][path_in_block(name)].append(rank)
     head = "| method | " + " | ".join(types) + " |\n|---" + "|---" * len(types) + "|"
     lines = [f"| {m} | " + " | ".join(f"{statistics.fmean(by_method[m][t]):.2f}" for t in types) + " |"
              for m in sorted(by_method, key=_order)]

@@ -56,7 +56,7 @@ def stdlib_docstrings(n: int, min_chars: int = 400, seed: int = 0) -> list[str]:
 def _allocate(model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int,
               avg_rank: int, settings: dict[str, Any]):
     from ..data import calibration_batches
-    from ..pipeline import compute_allocation
+    from ..api import compute_allocation
 
     batches = calibration_batches(list(texts), tokenizer, seq_len=seq_len, batch_size=batch_size)
     return compute_allocation(model, batches, avg_rank=avg_rank, progress=False, **settings)
@@ -64,7 +64,7 @@ def _allocate(model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, b
 
 def tau_matrix(allocations: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Kendall τ-b between every pair of allocations (θ orderings)."""
-    from ..allocation import kendall_tau
+    from ..scoring import kendall_tau
 
     names = list(allocations)
     return {a: {b: (1.0 if a == b else float(kendall_tau(allocations[a], allocations[b]))) for b in names}
@@ -122,7 +122,7 @@ def training_study(model: nn.Module, tokenizer, train_texts: Sequence[str], cali
     """
     from peft import LoraConfig, get_peft_model
 
-    from ..targets import resolve_targets
+    from ..calibration.targets import resolve_targets
     from .causal_lm import lm_tensors
 
     settings = settings or {}

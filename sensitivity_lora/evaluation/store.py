@@ -6,28 +6,17 @@ skips the runs already in the file.
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write_json, json_safe
 
 KEY_FIELDS = ("task", "method", "avg_rank", "seed")
 
 
 def run_key(record: dict[str, Any]) -> tuple:
     return tuple(record.get(k) for k in KEY_FIELDS)
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 class ResultStore:
@@ -44,12 +33,9 @@ class ResultStore:
 
     def add(self, record: dict[str, Any]) -> None:
         key = run_key(record)
-        self.records = [r for r in self.records if run_key(r) != key] + [_clean(record)]
+        self.records = [r for r in self.records if run_key(r) != key] + [json_safe(record)]
         self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.records, f, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.records)

@@ -8,38 +8,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
+from ..files import atomic_write_text, json_safe
+from .metrics import ModuleMetrics
 
 TOP_FRACTION = 0.05  # concentration: the share of the ranks held by this fraction of the modules
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy: numpy scalars to Python, tuples to lists, non-finite floats to strings."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf", "-inf", "nan": standard JSON has no such numbers
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-@dataclass
-class ModuleAllocation:
-    """One module's rank, θ, metrics, shape, input group, and which bound it sits at ("min", "max" or None)."""
+@dataclass(frozen=True)
+class ModuleAllocation(ModuleMetrics):
+    """One module's metrics, shape and input group, with its θ, rank and the bound it sits at
+    ("min", "max" or None)."""
 
     rank: int
     theta: float
-    trace: float
-    topk: float
-    eff_rank: float
-    d_in: int
-    d_out: int
-    group: str
     at_bound: str | None = None
 
 
@@ -61,7 +42,7 @@ class Allocation:
     modules: dict[str, ModuleAllocation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.settings = _plain(self.settings)
+        self.settings = json_safe(self.settings)
 
     def ranks(self) -> dict[str, int]:
         return {name: m.rank for name, m in self.modules.items()}
@@ -88,7 +69,7 @@ class Allocation:
         """Plain JSON-ready dict; ``concentration``, ``total_rank`` and ``trainable_params`` are derived."""
         return {"method": self.method, "avg_rank": self.avg_rank, "budget": self.budget,
                 "budget_mode": self.budget_mode, "total_rank": self.total_rank(),
-                "trainable_params": self.trainable_params(), "settings": _plain(self.settings),
+                "trainable_params": self.trainable_params(), "settings": json_safe(self.settings),
                 "concentration": self.concentration(),
                 "modules": {name: asdict(m) for name, m in self.modules.items()}}
 
@@ -104,7 +85,8 @@ class Allocation:
             raise ValueError(f"not an allocation (as written by Allocation.save): {exc}") from exc
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        """Write the JSON form atomically (a crash leaves the old file or the new one, never half of one)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Allocation":

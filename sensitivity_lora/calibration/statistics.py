@@ -2,7 +2,7 @@
 
 One ``GroupStatistics`` per distinct layer input (an "input group": q/k/v of one
 attention block, gate/up of one MLP block, ...). It keeps the raw sums in fp64
-and the token count; the normalisation convention (METHOD.md §2) is applied only
+and the token count; the normalisation convention (docs/method.md §2) is applied only
 when a Hessian is read, so every tool's convention can be served from the same
 numbers.
 """
@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
-from .reference import NotPositiveDefiniteError, symmetrize_upper
+from .. import ops
+from ..errors import CalibrationError, NotPositiveDefiniteError
+from ..ops.reference import symmetrize_upper
+from ..settings import HESSIAN_MODES
 
-HESSIAN_MODES = ("diag", "full")
 # factor(n_tokens, n_sequences) for H = factor · Σ x xᵀ
 NORMALISATIONS = {
     "2/tokens": lambda tokens, seqs: 2.0 / tokens,  # this project's default (GPTQ/OBD with per-token mean)
@@ -23,10 +24,6 @@ NORMALISATIONS = {
     "1/tokens": lambda tokens, seqs: 1.0 / tokens,  # AQLM, covariance initialisers
     "sum": lambda tokens, seqs: 1.0,  # the raw sum
 }
-
-
-class CalibrationError(ValueError):
-    """Calibration could not produce usable statistics (the message says why and what to do)."""
 
 
 def normalisation_factor(convention: str, n_tokens: int, n_sequences: int) -> float:
@@ -133,3 +130,17 @@ class GroupStatistics:
             return ops.get_op("cholesky_damped", H.device, self.backend)(H, rel_damp, max_tries, 10.0)
         except NotPositiveDefiniteError as exc:
             raise NotPositiveDefiniteError(f"Hessian of {', '.join(self.members)}: {exc}") from exc
+
+
+@dataclass
+class CalibrationStatistics:
+    """Everything calibration measured: one entry per input group, and the module → group map."""
+
+    groups: dict[str, GroupStatistics]
+    module_group: dict[str, str]
+    dims: dict[str, tuple[int, int]]  # module → (d_in, d_out)
+    mode: str
+
+    @property
+    def n_tokens(self) -> int:
+        return max((g.n_tokens for g in self.groups.values()), default=0)

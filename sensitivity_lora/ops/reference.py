@@ -2,7 +2,7 @@
 
 These are the oracle in tests and the baseline in benchmarks. Every fast
 backend (C++/OpenMP, CUDA, Triton) implements exactly these signatures and
-contracts; see ``ops.py`` for the table.
+contracts; see ``sensitivity_lora.ops`` for the table.
 
 Conventions shared by all backends:
 - Accumulators are float64 and are updated in place.
@@ -17,6 +17,8 @@ import math
 from typing import Callable
 
 import torch
+
+from ..errors import NotPositiveDefiniteError
 
 # Rows per chunk: partial sums over this many tokens are formed in fp32 and
 # combined in fp64, so the error does not grow with the total token count.
@@ -73,7 +75,7 @@ def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Te
     """Trace, top-k mean and effective rank of diag(H_row) repeated ``d_out`` times.
 
     ``k`` counts entries of the repeated (matrix-level) diagonal, 1 ≤ k ≤ d_out·d.
-    Returns a float64 tensor [trace, topk_mean, eff_rank] (METHOD.md §3, closed form).
+    Returns a float64 tensor [trace, topk_mean, eff_rank] (docs/method.md §3, closed form).
     """
     d = diag.numel()
     m = d_out * d
@@ -103,10 +105,6 @@ def diag_stats(diag: torch.Tensor, d_out: int, k: int, alpha: float) -> torch.Te
         # at most d_out copies of ℓ_{i*} are needed (C_{i*} ≥ α·T); rounding must not push past them
         eff = d_out * (i_star - 1) + min(d_out, max(1, math.ceil(need - 1e-9 * max(1.0, abs(need)))))
     return torch.tensor([d_out * total, topk, float(eff)], dtype=torch.float64, device=diag.device)
-
-
-class NotPositiveDefiniteError(ValueError):
-    """A Hessian stayed non-positive-definite after every damping step."""
 
 
 def cholesky_damped(

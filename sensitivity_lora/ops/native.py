@@ -4,7 +4,7 @@ Importing this module imports the extension (which registers the operators
 ``torch.ops.sensitivity_lora.*`` with the dispatcher) and adds thin wrappers,
 with the reference's Python signatures and defaults, as the ``cpu`` backend
 and, when the extension was built with CUDA kernels, the ``cuda`` backend.
-If the extension is missing this import fails and ``ops`` falls back to the
+If the extension is missing this import fails and ``sensitivity_lora.ops`` falls back to the
 reference with one warning.
 
 The cpu ``accumulate_xtx`` can use scipy's OpenBLAS SYRK (see :func:`use_external_syrk`); the
@@ -19,9 +19,9 @@ import os
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the operators)
-from . import ops
-from .reference import NotPositiveDefiniteError
+from .. import _C  # noqa: F401  (loading the library registers the operators)
+from ..errors import NotPositiveDefiniteError
+from . import registry
 
 _LIB = torch.ops.sensitivity_lora
 # Prefix of the C++ error raised for an exhausted damping ladder or a
@@ -138,9 +138,9 @@ def register() -> None:
     """Add every op the extension provides to the op table (once)."""
     for name, fn in _WRAPPERS.items():
         if has_kernel(name, "CPU"):
-            ops.register(name, "cpu", fn)
+            registry.register(name, "cpu", fn)
         if has_kernel(name, "CUDA"):
-            ops.register(name, "cuda", fn)
+            registry.register(name, "cuda", fn)
 
 
 register()

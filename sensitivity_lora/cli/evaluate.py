@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from ..files import atomic_write_json
+
 
 def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
     p.add_argument("--methods", nargs="+", default=["all"], help="method names (see --list-methods) or 'all'")
@@ -85,15 +87,15 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace, seed: int):
-    from .evaluation.finetune import TrainConfig
+    from ..evaluation.finetune import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=max(1, args.steps // 10), seed=seed)
 
 
 def _grid(args, task_name: str, run_one) -> int:
-    from .evaluation.methods import parse_methods
-    from .evaluation.store import ResultStore
+    from ..evaluation.methods import parse_methods
+    from ..evaluation.store import ResultStore
 
     methods = parse_methods(args.methods)
     store = ResultStore(args.out)
@@ -115,9 +117,9 @@ def _grid(args, task_name: str, run_one) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     _setup(args)
-    from .data import bbc_articles
-    from .evaluation.classification import ClassificationTask, run_classification
-    from .models import load_model_and_tokenizer, minilm_dir
+    from ..data import bbc_articles
+    from ..evaluation.classification import ClassificationTask, run_classification
+    from ..models import load_model_and_tokenizer, minilm_dir
 
     encoder, tokenizer = load_model_and_tokenizer(args.model or str(minilm_dir()), task="base")
     articles = bbc_articles()
@@ -129,10 +131,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_lm(args: argparse.Namespace) -> int:
     _setup(args)
-    from .data import bbc_articles
-    from .evaluation.causal_lm import CausalLMTask, lm_tensors, perplexity, split_texts, run_causal_lm
-    from .evaluation.store import ResultStore
-    from .models import load_model_and_tokenizer
+    from ..data import bbc_articles
+    from ..evaluation.causal_lm import CausalLMTask, lm_tensors, perplexity, split_texts, run_causal_lm
+    from ..evaluation.store import ResultStore
+    from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
     texts = [t for _, t in bbc_articles([args.category])]
@@ -150,9 +152,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     _setup(args)
     import random
 
-    from .data import BBC_CATEGORIES, bbc_articles
-    from .evaluation import stability
-    from .models import load_model_and_tokenizer
+    from ..data import BBC_CATEGORIES, bbc_articles
+    from ..evaluation import stability
+    from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
     out = Path(args.out)
@@ -163,7 +165,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     def save(name: str, value: dict) -> None:
         results[name] = {**value, "settings": settings}
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        atomic_write_json(out, results)
         print(f"wrote {name} to {out}", flush=True)
 
     def sample(category: str, n: int, seed: int = 0) -> list[str]:
@@ -179,7 +181,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         texts = random.Random(1).sample(mixed, args.size_set)
         save("sizes", stability.size_study(model, tokenizer, texts, **common))
     if "training" in args.studies and "training" not in results:
-        from .evaluation.finetune import TrainConfig
+        from ..evaluation.finetune import TrainConfig
 
         pool = [t for _, t in bbc_articles([args.category])]
         random.Random(2).shuffle(pool)
@@ -194,7 +196,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluation.report import write_report
+    from ..evaluation.report import write_report
 
     written = write_report(Path(args.results), Path(args.out))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -202,20 +204,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .evaluation.methods import METHODS
+    from ..evaluation.methods import METHODS
 
     for m in METHODS.values():
         print(f"{m.name:12s} {m.description}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sensitivity_lora.cli_evaluate evaluate ...``: the same commands without the main CLI."""
-    parser = argparse.ArgumentParser(prog="sensitivity-lora")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

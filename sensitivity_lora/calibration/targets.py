@@ -6,16 +6,14 @@ from typing import Sequence
 
 from torch import nn
 
+from ..errors import TargetError
+
 try:  # GPT-2 style layers store the weight transposed
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()  # type: ignore[assignment]
 
 LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-
-class TargetError(ValueError):
-    """No (or invalid) target modules."""
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:

@@ -4,10 +4,10 @@ Each file holds the raw fp64 sums of one input group (``xtx`` = Σ x xᵀ, full 
 symmetric, when calibrated with ``hessian="full"``; ``sumsq`` = Σ x² and ``sum`` = Σ x, always)
 and, in its string metadata, the token and sequence counts, the member module
 names with their (d_in, d_out), and the project's normalisation convention. The
-loader applies any convention of ``statistics.NORMALISATIONS`` on the way out.
+loader applies any convention of ``calibration.statistics.NORMALISATIONS`` on the way out.
 Nothing is pickled: safetensors for tensors, JSON for everything else.
 
-    from sensitivity_lora.hessian_io import export_hessians, load_hessians
+    from sensitivity_lora import export_hessians, load_hessians
     export_hessians(model, batches, "hessians/")                 # streams block by block
     H = load_hessians("hessians/", convention="2/sequences")     # GPTQ's convention
     H["model.layers.0.self_attn.q_proj"].hessian                 # (d_in, d_in) fp64
@@ -23,66 +23,14 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .statistics import GroupStatistics, normalisation_factor
+from ..calibration.serialize import group_from, group_header, group_tensors
+from ..calibration.statistics import GroupStatistics, normalisation_factor
+from ..files import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "sensitivity-lora-hessian"
 FORMAT_VERSION = "2"  # 2: adds ``sum`` (Σx)
 PROJECT_CONVENTION = "2/tokens"
 INDEX_FILE = "index.json"
-
-
-# ---------------------------------------------------------------- encoding (shared with checkpoint.py)
-
-def group_tensors(group: GroupStatistics, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The raw sums of ``group`` as CPU fp64 tensors (``xtx`` full and symmetric)."""
-    tensors = {prefix + "sumsq": group.sumsq.detach().to("cpu", torch.float64).contiguous(),
-               prefix + "sum": group.sum.detach().to("cpu", torch.float64).contiguous()}
-    if group.xtx is not None:
-        tensors[prefix + "xtx"] = group.raw_xtx().detach().to("cpu", torch.float64).contiguous()
-    return tensors
-
-
-def group_header(group: GroupStatistics, dims: Mapping[str, tuple[int, int]]) -> dict:
-    """JSON-able description of ``group`` (everything but the tensors)."""
-    return {
-        "group": group.name,
-        "members": list(group.members),
-        "member_dims": {m: list(dims[m]) for m in group.members if m in dims},
-        "d_in": group.d_in,
-        "mode": group.mode,
-        "n_tokens": group.n_tokens,
-        "n_sequences": group.n_sequences,
-    }
-
-
-def group_from(header: Mapping, tensors: Mapping[str, torch.Tensor], prefix: str = "",
-               device: torch.device | str = "cpu", backend: str | None = None) -> GroupStatistics:
-    """Rebuild a ``GroupStatistics`` from :func:`group_header` + :func:`group_tensors`."""
-    group = GroupStatistics(header["group"], list(header["members"]), int(header["d_in"]), header["mode"],
-                            torch.device(device), backend)
-    group.sumsq = tensors[prefix + "sumsq"].to(device, torch.float64)
-    group.sum = tensors[prefix + "sum"].to(device, torch.float64)
-    if group.mode == "full":
-        group.xtx = tensors[prefix + "xtx"].to(device, torch.float64)
-        group._symmetric = True  # stored full and symmetric
-    group.n_tokens = int(header["n_tokens"])
-    group.n_sequences = int(header["n_sequences"])
-    return group
-
-
-def atomic_save(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> None:
-    """Write a safetensors file so that a crash never leaves a half-written file under ``path``."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- writing
@@ -110,7 +58,7 @@ def save_group(path: str | os.PathLike, group: GroupStatistics, dims: Mapping[st
         "n_tokens": str(header["n_tokens"]),
         "n_sequences": str(header["n_sequences"]),
     }
-    atomic_save(group_tensors(group), metadata, path)
+    atomic_save_safetensors(path, group_tensors(group), metadata)
     return path
 
 
@@ -135,7 +83,7 @@ class HessianWriter:
             self.index["groups"][group.name] = name
             for member in group.members:
                 self.index["modules"][member] = group.name
-        atomic_write_json(self.index, self.out_dir / INDEX_FILE)
+        atomic_write_json(self.out_dir / INDEX_FILE, self.index)
 
 
 # ---------------------------------------------------------------- reading
@@ -221,31 +169,3 @@ def load_hessians(out_dir: str | os.PathLike, convention: str = PROJECT_CONVENTI
     if by == "group":
         return files
     return {module: files[group] for module, group in index["modules"].items()}
-
-
-# ---------------------------------------------------------------- the Python equivalent of `sensitivity-lora hessians`
-
-def export_hessians(model: torch.nn.Module, batches, out_dir: str | os.PathLike,
-                    target_modules: str | Sequence[str] | None = None, hessian: str = "full",
-                    backend: str | None = None, streaming: bool = True, resume: bool = False,
-                    device: torch.device | str | None = None, progress: bool = True,
-                    settings: Mapping | None = None) -> Path:
-    """Calibrate ``model`` on ``batches`` and write one Hessian file per input group into ``out_dir``.
-
-    With ``streaming`` (default) blocks are processed one at a time and each
-    block's Hessians are written and freed before the next; ``resume`` continues
-    an interrupted export (the folder doubles as the checkpoint). Under
-    torch.distributed, call :func:`sensitivity_lora.distributed.export_hessians_distributed`.
-    """
-    from .streaming import iter_block_statistics
-    from .checkpoint import BlockCheckpoint
-
-    out_dir = Path(out_dir)
-    writer = HessianWriter(out_dir, settings)
-    checkpoint = BlockCheckpoint(out_dir / "checkpoint", store=False) if (streaming and resume) else None
-    for block in iter_block_statistics(model, batches, target_modules, hessian, backend, streaming=streaming,
-                                       device=device, checkpoint=checkpoint, progress=progress):
-        if not block.from_checkpoint:
-            writer.write(block.stats.groups.values(), block.stats.dims)
-        block.stats = None  # free this block's Hessians before the next block runs
-    return out_dir

@@ -1,72 +1,21 @@
-"""From metrics to ranks (METHOD.md §4, §5): σ/μ² fusion, SRA / PRA / uniform, the entry point `allocate`.
+"""The rank rules (docs/method.md §5): SRA (water-filling + largest remainder), PRA tiers, uniform, budgets.
 
-Everything here is deterministic numpy on a few hundred numbers; ties are
-broken by module order (the insertion order of the metrics mapping, which is
-model order).
+Deterministic numpy on a few hundred numbers; ties are broken by module order.
 """
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from numbers import Integral, Real
-from typing import Any, Mapping
+from numbers import Integral
 
 import numpy as np
 
-from .metrics import ModuleMetrics
-from .result import Allocation, ModuleAllocation, kendall_tau  # noqa: F401  (the result type lives there)
-
-METHODS = ("sra", "pra", "uniform")
-FUSIONS = ("sigma_mu2", "global", "local", "equal")
-BUDGET_MODES = ("rank", "params")
+from ..settings import check_avg_rank
 
 # Fractional parts are compared after rounding to this many decimals, so values
 # meant to be equal but differing in the last bits tie and fall back to module order.
 _TIE_DECIMALS = 9
 
-
-# ---------------------------------------------------------------- fusion (§4)
-
-def _weight(values: np.ndarray, equal: bool) -> float:
-    """σ/μ² of a metric (population σ), or 0.5/μ for the equal-weights ablation; 0 when μ = 0."""
-    mu = float(values.mean())
-    if mu == 0.0:
-        return 0.0  # metrics are ≥ 0, so μ = 0 means all zero: no signal
-    return 0.5 / mu if equal else float(values.std()) / mu**2
-
-
-def fuse(trace: np.ndarray, topk: np.ndarray, eff_rank: np.ndarray, fusion: str = "sigma_mu2") -> np.ndarray:
-    """θ per module from the three metrics (float64).
-
-    ``sigma_mu2`` (the method): S_l = w(S_t)·S_t + w(S_e)·S_e, θ = w(S_g)·S_g + w(S_l)·S_l
-    with w = σ/μ². Ablations: ``global`` θ = S_g; ``local`` θ = S_l; ``equal`` the
-    same two levels with w = 0.5/μ. A metric with σ = 0 (or μ = 0) contributes
-    nothing; when nothing is left, θ is uniform (all ones).
-    """
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
-    arrays = [np.asarray(a, dtype=np.float64) for a in (trace, topk, eff_rank)]
-    if any(a.ndim != 1 for a in arrays) or len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
-        raise ValueError("trace, topk and eff_rank must be non-empty 1-D arrays of the same length, got shapes "
-                         f"{[a.shape for a in arrays]}")
-    for name, a in zip(("trace", "topk", "eff_rank"), arrays):
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"{name} must be finite and >= 0 for every module; check the calibration statistics")
-    s_g, s_t, s_e = arrays
-    equal = fusion == "equal"
-    s_l = _weight(s_t, equal) * s_t + _weight(s_e, equal) * s_e
-    if fusion == "global":
-        theta = s_g.copy()
-    elif fusion == "local":
-        theta = s_l
-    else:
-        theta = _weight(s_g, equal) * s_g + _weight(s_l, equal) * s_l
-    if not (theta > 0).any():
-        return np.ones_like(theta)
-    return theta
-
-
-# ---------------------------------------------------------------- SRA (§5)
 
 def water_fill(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, budget: float,
                cost: np.ndarray | None = None) -> np.ndarray:
@@ -142,11 +91,6 @@ def _check_theta(theta: np.ndarray) -> np.ndarray:
     return theta if (theta > 0).any() else np.ones_like(theta)  # no signal at all: uniform
 
 
-def _check_avg_rank(avg_rank: float) -> None:
-    if isinstance(avg_rank, bool) or not isinstance(avg_rank, Real) or not (math.isfinite(avg_rank) and avg_rank > 0):
-        raise ValueError(f"avg_rank must be a positive finite number, got {avg_rank!r}")
-
-
 def _exact(value: float) -> Fraction:
     """The decimal the user wrote (7.3, not 7.29999…), for exact budget arithmetic."""
     return Fraction(str(float(value))) if not isinstance(value, Integral) else Fraction(int(value))
@@ -164,7 +108,7 @@ def param_budget(avg_rank: float, cost: np.ndarray) -> int:
 
 def allocate_sra(theta: np.ndarray, avg_rank: float, r_min: int | np.ndarray = 1, r_max: np.ndarray | int | None = None,
                  cost: np.ndarray | None = None, budget: int | None = None) -> np.ndarray:
-    """SRA ranks: r ∝ θ within [r_min, r_max], integer, on budget (METHOD.md §5).
+    """SRA ranks: r ∝ θ within [r_min, r_max], integer, on budget (docs/method.md §5).
 
     Rank mode (``cost`` None): the budget is ``budget`` or round(avg_rank · M)
     rank units; the real water-filling solution is floored and the remaining
@@ -182,7 +126,7 @@ def allocate_sra(theta: np.ndarray, avg_rank: float, r_min: int | np.ndarray = 1
 
     Raises ValueError when the bounds make the budget infeasible.
     """
-    _check_avg_rank(avg_rank)
+    check_avg_rank(avg_rank)
     theta = _check_theta(theta)
     n = theta.size
     lo, hi = _as_bounds(r_min, r_max, n)
@@ -234,16 +178,14 @@ def _round_to_budget(real: np.ndarray, lo: np.ndarray, hi: np.ndarray, weights: 
     return ranks
 
 
-# ---------------------------------------------------------------- PRA and uniform (§5)
-
 def allocate_pra(theta: np.ndarray, avg_rank: float, tiers: int = 3, r_min: int | np.ndarray = 1,
                  r_max: np.ndarray | int | None = None) -> np.ndarray:
     """PRA ranks: θ descending (stable), C tiers as equal as possible (earlier tiers take the extra
     module), tier c (0-based) gets round_half_up(avg_rank + (C−1)/2 − c), clamped to [r_min, r_max].
 
-    Example (METHOD.md): 6 matrices, avg_rank 5, C = 3 → 6, 6, 5, 5, 4, 4.
+    Example (docs/method.md §5): 6 matrices, avg_rank 5, C = 3 → 6, 6, 5, 5, 4, 4.
     """
-    _check_avg_rank(avg_rank)
+    check_avg_rank(avg_rank)
     if isinstance(tiers, bool) or not isinstance(tiers, Integral) or tiers < 1:
         raise ValueError(f"tiers must be an int >= 1, got {tiers!r}")
     theta = _check_theta(theta)
@@ -259,91 +201,8 @@ def allocate_pra(theta: np.ndarray, avg_rank: float, tiers: int = 3, r_min: int 
 def allocate_uniform(n_modules: int, avg_rank: float, r_min: int | np.ndarray = 1,
                      r_max: np.ndarray | int | None = None) -> np.ndarray:
     """avg_rank everywhere (plain LoRA), clamped to [r_min, r_max]; avg_rank must be an integer."""
-    _check_avg_rank(avg_rank)
+    check_avg_rank(avg_rank)
     if float(avg_rank) != int(avg_rank):
         raise ValueError(f"method 'uniform' needs an integer avg_rank, got {avg_rank}; round it or use method 'sra'")
     lo, hi = _as_bounds(r_min, r_max, n_modules)
     return np.clip(np.full(n_modules, int(avg_rank), dtype=np.int64), lo, hi)
-
-
-# ---------------------------------------------------------------- the entry point
-
-def _module_caps(metrics: list[ModuleMetrics], avg_rank: float, rho: float, r_max: int | None) -> np.ndarray:
-    """r_max per module: min(d_in, d_out, floor(rho · avg_rank)) (rho = inf: the matrix size); r_max overrides rho."""
-    size = np.array([min(m.d_in, m.d_out) for m in metrics], dtype=np.int64)
-    if r_max is not None:
-        if isinstance(r_max, bool) or not isinstance(r_max, Integral) or r_max < 1:
-            raise ValueError(f"r_max must be an int >= 1 or None, got {r_max!r}")
-        return np.minimum(size, int(r_max))
-    if isinstance(rho, bool) or not isinstance(rho, Real) or math.isnan(rho) or rho <= 0:
-        raise ValueError(f"rho must be a positive number (or inf for no cap), got {rho!r}")
-    if math.isinf(rho):
-        return size
-    return np.minimum(size, math.floor(_exact(rho) * _exact(avg_rank)))
-
-
-def allocate(
-    metrics: Mapping[str, ModuleMetrics],
-    avg_rank: float,
-    method: str = "sra",
-    fusion: str = "sigma_mu2",
-    r_min: int = 1,
-    rho: float = 4.0,
-    r_max: int | None = None,
-    budget_mode: str = "rank",
-    tiers: int = 3,
-    extra_settings: Mapping[str, Any] | None = None,
-) -> Allocation:
-    """Fuse the metrics into θ and allocate ranks (METHOD.md §4–§5; defaults are the method's).
-
-    ``budget_mode='params'`` (SRA only) matches Σ r·(d_in + d_out) instead of Σ r.
-    ``extra_settings`` are recorded in ``Allocation.settings`` (e.g. scope, hessian).
-    """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
-    if budget_mode not in BUDGET_MODES:
-        raise ValueError(f"budget_mode={budget_mode!r} is unknown; choose one of {', '.join(BUDGET_MODES)}")
-    if budget_mode == "params" and method != "sra":
-        raise ValueError(f"budget_mode='params' applies to method 'sra' only, not {method!r}")
-    if isinstance(r_min, bool) or not isinstance(r_min, Integral) or r_min < 1:
-        raise ValueError(f"r_min must be an int >= 1, got {r_min!r}")
-    _check_avg_rank(avg_rank)
-    if not metrics:
-        raise ValueError("no module metrics: there is nothing to allocate (check target_modules)")
-    names = list(metrics)
-    mets = [metrics[n] for n in names]
-    theta = fuse(np.array([m.trace for m in mets]), np.array([m.topk for m in mets]),
-                 np.array([m.eff_rank for m in mets]), fusion)
-    caps = _module_caps(mets, avg_rank, rho, r_max)
-    cost = np.array([m.d_in + m.d_out for m in mets], dtype=np.int64)
-
-    settings: dict[str, Any] = {"fusion": fusion, "r_min": int(r_min), "rho": float(rho),
-                                "r_max": None if r_max is None else int(r_max), "tiers": int(tiers)}
-    if budget_mode == "params":
-        budget = param_budget(avg_rank, cost)
-        ranks = allocate_sra(theta, avg_rank, r_min, caps, cost=cost, budget=budget)
-    else:
-        budget = rank_budget(avg_rank, len(names))
-        if _exact(avg_rank) * len(names) != budget:
-            settings["budget_rounded_from"] = float(avg_rank) * len(names)
-        if method == "sra":
-            ranks = allocate_sra(theta, avg_rank, r_min, caps, budget=budget)
-        elif method == "pra":
-            ranks = allocate_pra(theta, avg_rank, tiers, r_min, caps)
-        else:
-            ranks = allocate_uniform(len(names), avg_rank, r_min, caps)
-    for key, value in (extra_settings or {}).items():
-        if key in settings:
-            raise ValueError(f"extra_settings may not override {key!r}; pass it as an argument of allocate()")
-        settings[key] = value
-
-    modules = {}
-    for name, m, r, t, cap in zip(names, mets, ranks, theta, caps):
-        at_bound = "max" if r >= cap else ("min" if r <= r_min else None)
-        modules[name] = ModuleAllocation(rank=int(r), theta=float(t), trace=float(m.trace), topk=float(m.topk),
-                                         eff_rank=float(m.eff_rank), d_in=int(m.d_in), d_out=int(m.d_out),
-                                         group=str(m.group), at_bound=at_bound)
-    return Allocation(method=method, avg_rank=float(avg_rank), budget=int(budget), budget_mode=budget_mode,
-                      settings=settings, modules=modules)

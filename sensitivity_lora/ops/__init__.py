@@ -3,7 +3,9 @@ choice of backend.
 
 Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (the compiled
 extension ``sensitivity_lora._C``, CPU tensors), ``cuda`` (the compiled CUDA
-extension, CUDA tensors), ``triton`` (kernels in ``sensitivity_lora.kernels``).
+extension, CUDA tensors), ``triton`` (kernels in ``sensitivity_lora.kernels``,
+installed from the top-level ``kernels/`` folder). The table itself is
+``registry``; the backend modules register into it when first needed.
 
 Choice, first match wins: the ``backend=`` argument of :func:`get_op`, the
 ``SENSITIVITY_LORA_BACKEND`` environment variable, then automatic (compiled
@@ -19,29 +21,13 @@ from typing import Callable
 import torch
 
 from . import reference
+from .registry import BACKENDS, OP_NAMES, TABLE as _TABLE, register
 
-OP_NAMES = (
-    "accumulate_sumsq",
-    "accumulate_xtx",
-    "diag_stats",
-    "cholesky_damped",
-    "cholesky_inverse_diag",
-)
-BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "SENSITIVITY_LORA_BACKEND"
-
-_TABLE: dict[str, dict[str, Callable]] = {name: {"reference": getattr(reference, name)} for name in OP_NAMES}
+for _name in OP_NAMES:
+    register(_name, "reference", getattr(reference, _name))
 _LOADED: set[str] = set()
 _WARNED = False
-
-
-def register(op: str, backend: str, fn: Callable) -> None:
-    """Add ``fn`` as the ``backend`` implementation of ``op`` (used by backend modules)."""
-    if op not in _TABLE:
-        raise ValueError(f"unknown op {op!r}; known: {', '.join(OP_NAMES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    _TABLE[op][backend] = fn
 
 
 def _load_backend(backend: str) -> None:
@@ -51,9 +37,9 @@ def _load_backend(backend: str) -> None:
     _LOADED.add(backend)
     try:
         if backend in ("cpu", "cuda"):
-            from . import _native  # noqa: F401  (registers what the extension provides)
+            from . import native  # noqa: F401  (registers what the extension provides)
         elif backend == "triton":
-            from . import _triton  # noqa: F401
+            from . import triton_backend  # noqa: F401
     except Exception as exc:  # missing extension / triton: the reference still works
         _LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
 

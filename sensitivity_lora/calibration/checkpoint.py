@@ -3,7 +3,7 @@
 A checkpoint folder holds ``manifest.json`` (a fingerprint of the run: targets,
 Hessian mode, the calibration data's hash, ... and the list of finished
 blocks) and, when ``store`` is on, ``block_00012.safetensors`` with that block's
-raw sums (the encoding of ``hessian_io``). Every file is written to a temporary
+raw sums (the encoding of ``serialize``). Every file is written to a temporary
 name and renamed, and a block is listed as done only after its file exists, so
 a run killed at any point resumes from the last finished block and gives the
 same result. Resuming with other data or settings is refused with an error.
@@ -17,14 +17,12 @@ from typing import Mapping
 
 import torch
 
-from .capture import CalibrationStatistics
-from .hessian_io import atomic_save, atomic_write_json, group_from, group_header, group_tensors
+from ..errors import CheckpointMismatchError
+from ..files import atomic_save_safetensors, atomic_write_json
+from .serialize import group_from, group_header, group_tensors
+from .statistics import CalibrationStatistics
 
 MANIFEST = "manifest.json"
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint folder belongs to a different run (other data, model or settings)."""
 
 
 class BlockCheckpoint:
@@ -70,7 +68,7 @@ class BlockCheckpoint:
         self._manifest = {"fingerprint": fingerprint, "store": self.store, "done": list(self.done)}
         if self.writable:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self._manifest, path)
+            atomic_write_json(path, self._manifest)
         return list(self.done)
 
     def _block_path(self, index: int) -> Path:
@@ -90,9 +88,9 @@ class BlockCheckpoint:
                     headers.append(group_header(group, stats.dims))
                 meta = {"groups": json.dumps(headers), "dims": json.dumps({k: list(v) for k, v in stats.dims.items()}),
                         "module_group": json.dumps(stats.module_group), "mode": stats.mode}
-                atomic_save(tensors, meta, self._block_path(index))
+                atomic_save_safetensors(self._block_path(index), tensors, meta)
             self._manifest["done"].append(index)
-            atomic_write_json(self._manifest, self.directory / MANIFEST)
+            atomic_write_json(self.directory / MANIFEST, self._manifest)
         self.done.append(index)
 
     def load(self, index: int, device: torch.device | str = "cpu", backend: str | None = None) -> CalibrationStatistics:

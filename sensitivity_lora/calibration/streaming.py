@@ -8,7 +8,7 @@ statistics hooks on its target modules, its outputs replace the cache as block
 i+1's inputs, its statistics are handed to the caller and dropped. So at most
 one block's Hessians are alive, block weights can live elsewhere and visit the
 compute device one at a time, and the activation cache can sit in (pinned) CPU
-memory. The numbers equal the one-pass ``capture.calibrate`` exactly: each
+memory. The numbers equal the one-pass ``one_pass.calibrate`` exactly: each
 block computes the same thing on the same inputs, in the same order.
 
 Assumption (true of the Llama, Mistral, Qwen2, GPT-2 and BERT families): block
@@ -28,9 +28,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .capture import (CalibrationStatistics, StatisticsHooks, calibrate, forward_kwargs, model_device,
-                      prepare_batch, preserved_state, progress_bar)
-from .statistics import HESSIAN_MODES, CalibrationError
+from ..errors import CalibrationError
+from ..progress import progress_bar
+from ..settings import HESSIAN_MODES
+from .forward import forward_kwargs, model_device, prepare_batch, preserved_state
+from .hooks import StatisticsHooks
+from .one_pass import calibrate
+from .statistics import CalibrationStatistics
 from .targets import block_containers, module_dims, resolve_targets
 
 
@@ -236,15 +240,6 @@ def _outside_blocks(model: nn.Module, container: str) -> list[nn.Module]:
     return out
 
 
-def _finalise(hooks: StatisticsHooks, targets: Mapping[str, nn.Module],
-              dims: Mapping[str, tuple[int, int]]) -> CalibrationStatistics:
-    """The block's statistics, members in model order (a function, so no loop variable keeps a group alive)."""
-    order = list(targets)
-    for group in hooks.groups.values():
-        group.members.sort(key=order.index)
-    return hooks.result({n: dims[n] for n in targets})
-
-
 def iter_block_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -339,11 +334,7 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
                     for c in cached:
                         _run_block(block, index, c, device, cache_device, hooks)
                     hooks.context.seen.clear()
-            missing = [n for n in targets if n not in hooks.module_group]
-            if missing:
-                raise CalibrationError(f"{len(missing)} target modules of block {index} never ran (e.g. {missing[0]}); "
-                                       "exclude them with target_modules")
-            stats = _finalise(hooks, targets, plan.dims)
+            stats = hooks.result({n: plan.dims[n] for n in targets})
             del hooks
             if reduce is not None:
                 reduce(stats)
@@ -353,8 +344,6 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
             del stats
 
 
-# ---------------------------------------------------------------- allocation with one block alive at a time
-
 def _take(block: BlockStatistics) -> CalibrationStatistics:
     stats, block.stats = block.stats, None
     return stats
@@ -363,20 +352,5 @@ def _take(block: BlockStatistics) -> CalibrationStatistics:
 def released(blocks: Iterable[BlockStatistics]) -> Iterator[CalibrationStatistics]:
     """Each block's statistics, detached from the block so that only the consumer holds them."""
     for block in blocks:
-        yield _take(block)  # no local keeps a reference while the next block is computed
-
-
-def allocation_from_blocks(blocks: Iterable[BlockStatistics], avg_rank: float = 8, **allocation_kwargs: Any):
-    """``pipeline.allocation_from_statistics`` over streamed blocks (scored one at a time)."""
-    from .pipeline import allocation_from_statistics
-
-    return allocation_from_statistics(released(blocks), avg_rank, **allocation_kwargs)
-
-
-def compute_allocation_streaming(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                                 avg_rank: float = 8, **kwargs: Any):
-    """``pipeline.compute_allocation`` streamed block by block (same arguments and result, plus
-    ``device``, ``cache_device`` and ``checkpoint_dir``)."""
-    from .pipeline import compute_allocation
-
-    return compute_allocation(model, batches, avg_rank, streaming=True, **kwargs)
+        # through a function: a local here would keep this block alive while the next one is computed
+        yield _take(block)

@@ -6,9 +6,9 @@ rank ends with the statistics of the whole data set, and the same allocation;
 only rank 0 writes files. NCCL on GPUs, gloo on CPUs.
 
     torchrun --nproc_per_node 4 my_script.py      # my_script calls:
-    from sensitivity_lora.distributed import init_from_env, compute_allocation_distributed
+    from sensitivity_lora import compute_allocation, init_from_env
     init_from_env()
-    allocation = compute_allocation_distributed(model, batches, avg_rank=8)   # every rank: all batches
+    allocation = compute_allocation(model, batches, avg_rank=8, distributed=True)   # every rank: all batches
 """
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ import datetime
 import hashlib
 import json
 import os
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 
-from .capture import CalibrationStatistics
 from .checkpoint import BlockCheckpoint
+from .statistics import CalibrationStatistics
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -62,10 +61,6 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _comm_device() -> torch.device:
-    return compute_device()
-
-
 def shard_batches(batches: Iterable, rank: int | None = None, world: int | None = None) -> list:
     """This rank's share of the batches: every world-th batch, starting at ``rank``."""
     if rank is None or world is None:
@@ -87,7 +82,7 @@ def all_reduce_statistics(stats: CalibrationStatistics, group: Any = None) -> No
     """Sum every rank's raw sums and counts into ``stats`` in place (fp64). No-op outside torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
-    device = _comm_device()
+    device = compute_device()
     key = torch.tensor([_structure_key(stats), -_structure_key(stats)], dtype=torch.int64, device=device)
     dist.all_reduce(key, op=dist.ReduceOp.MAX, group=group)
     if int(key[0]) != _structure_key(stats) or int(key[1]) != -_structure_key(stats):
@@ -107,7 +102,7 @@ def all_reduce_statistics(stats: CalibrationStatistics, group: Any = None) -> No
         g.n_tokens, g.n_sequences = int(counts[0]), int(counts[1])
 
 
-class _SharedCheckpoint(BlockCheckpoint):
+class SharedCheckpoint(BlockCheckpoint):
     """A checkpoint of a distributed run: rank 0 writes, all ranks agree on the data and the finished blocks.
 
     The folder must be on a filesystem all ranks see (rank 0's files are read back on resume).
@@ -119,7 +114,7 @@ class _SharedCheckpoint(BlockCheckpoint):
     def open(self, fingerprint: Mapping) -> list[int]:
         fingerprint = dict(fingerprint)
         rank, world = rank_and_world()
-        device = _comm_device()
+        device = compute_device()
         digest = torch.frombuffer(bytearray(bytes.fromhex(fingerprint["data"])), dtype=torch.uint8).to(device)
         digests = [torch.empty_like(digest) for _ in range(world)]
         dist.all_gather(digests, digest)
@@ -137,72 +132,3 @@ class _SharedCheckpoint(BlockCheckpoint):
         if rank != 0:
             self._manifest = {"fingerprint": fingerprint, "store": self.store, "done": list(self.done)}
         return list(self.done)
-
-
-def iter_block_statistics_distributed(model: torch.nn.Module, batches: Iterable, target_modules=None,
-                                      hessian: str = "diag", backend: str | None = None, *, streaming: bool = True,
-                                      checkpoint_dir: str | None = None, checkpoint_store: bool = True,
-                                      progress: bool = True, **stream_kwargs):
-    """``streaming.iter_block_statistics`` on this rank's shard, each block all-reduced before it is yielded."""
-    from .streaming import iter_block_statistics
-
-    rank, world = rank_and_world()
-    shard = shard_batches(batches, rank, world)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = _SharedCheckpoint(checkpoint_dir, store=checkpoint_store) if world > 1 else \
-            BlockCheckpoint(checkpoint_dir, store=checkpoint_store)
-    return iter_block_statistics(model, shard, target_modules, hessian, backend, streaming=streaming,
-                                 checkpoint=checkpoint, reduce=all_reduce_statistics,
-                                 progress=progress and rank == 0, **stream_kwargs)
-
-
-def compute_allocation_distributed(model: torch.nn.Module, batches: Iterable, avg_rank: float = 8, *,
-                                   target_modules: str | Sequence[str] | None = None, hessian: str = "diag",
-                                   backend: str | None = None, streaming: bool = True,
-                                   checkpoint_dir: str | None = None, progress: bool = True,
-                                   out: str | os.PathLike | None = None, device=None, cache_device=None,
-                                   **allocation_kwargs: Any):
-    """The allocation of the whole data set, on every rank; rank 0 saves it to ``out`` (a JSON file) if given.
-
-    ``batches``: all batches (the same list on every rank); each rank keeps its shard.
-    ``allocation_kwargs``: method, scope, topk, alpha, fusion, r_min, rho, r_max, budget_mode, tiers.
-    """
-    from .metrics import MetricSettings
-    from .pipeline import _check_settings
-    from .streaming import allocation_from_blocks
-
-    settings = MetricSettings(**{k: allocation_kwargs[k] for k in ("scope", "topk", "alpha") if k in allocation_kwargs})
-    _check_settings(avg_rank, hessian, settings)
-    blocks = iter_block_statistics_distributed(model, batches, target_modules, hessian, backend, streaming=streaming,
-                                               checkpoint_dir=checkpoint_dir, progress=progress,
-                                               device=device, cache_device=cache_device)
-    allocation = allocation_from_blocks(blocks, avg_rank, hessian=hessian, backend=backend, **allocation_kwargs)
-    allocation.settings["world_size"] = rank_and_world()[1]
-    if out is not None and rank_and_world()[0] == 0:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        allocation.save(out)
-    return allocation
-
-
-def export_hessians_distributed(model: torch.nn.Module, batches: Iterable, out_dir: str | os.PathLike,
-                                target_modules=None, hessian: str = "full", backend: str | None = None, *,
-                                streaming: bool = True, resume: bool = False, progress: bool = True,
-                                settings: Mapping | None = None, device=None, cache_device=None) -> Path:
-    """``hessian_io.export_hessians`` over all ranks' data; rank 0 writes the files."""
-    from .hessian_io import HessianWriter
-
-    out_dir = Path(out_dir)
-    rank, world = rank_and_world()
-    writer = HessianWriter(out_dir, {**dict(settings or {}), "world_size": world}) if rank == 0 else None
-    blocks = iter_block_statistics_distributed(
-        model, batches, target_modules, hessian, backend, streaming=streaming,
-        checkpoint_dir=str(out_dir / "checkpoint") if (streaming and resume) else None, checkpoint_store=False,
-        progress=progress, device=device, cache_device=cache_device)
-    for block in blocks:
-        if writer is not None and not block.from_checkpoint:
-            writer.write(block.stats.groups.values(), block.stats.dims)
-        block.stats = None  # free this block's Hessians before the next block runs
-    if world > 1:
-        dist.barrier()
-    return out_dir

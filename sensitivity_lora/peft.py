@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .result import Allocation
-
-
-class RankMismatchError(RuntimeError):
-    """A PEFT model's LoRA layers do not carry the allocated ranks."""
-
+from .errors import RankMismatchError
+from .scoring.result import Allocation
 
 RESERVED_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
 
@@ -89,19 +85,22 @@ def base_module_name(peft_name: str, names: set[str]) -> str | None:
     return None
 
 
-def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
-    """Raise RankMismatchError unless every allocated module has a LoRA layer of exactly its rank and scale."""
+def lora_layers(peft_model: nn.Module, names: set[str], adapter_name: str = "default") -> Iterator[tuple[str, str | None, nn.Module]]:
+    """Every LoRA layer of ``adapter_name``: (its module path, which of ``names`` it adapts or None, the layer)."""
     from peft.tuners.lora import LoraLayer
 
+    for path, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "r", {}):
+            yield path, base_module_name(path, names), module
+
+
+def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
+    """Raise RankMismatchError unless every allocated module has a LoRA layer of exactly its rank and scale."""
     expected = allocation.ranks()
-    names = set(expected)
     found: dict[str, int] = {}
     scales: dict[str, float] = {}
     problems = []
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "r", {}):
-            continue
-        target = base_module_name(name, names)
+    for name, target, module in lora_layers(peft_model, set(expected), adapter_name):
         if target is None:
             problems.append(f"{name} has a LoRA layer but no allocation")
             continue

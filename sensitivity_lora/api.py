@@ -1,0 +1,113 @@
+"""The few entry points that join calibration to scoring: model + data → statistics → metrics →
+allocation → PEFT model.
+
+Streaming, checkpoints, offloading and data-parallel runs are arguments of the same
+functions. The allocation settings come as an ``AllocationSettings`` or as its fields
+in keyword arguments (``compute_allocation(model, batches, avg_rank=8, method="pra")``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationStatistics, block_statistics, released
+from .calibration.distributed import rank_and_world
+from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
+from .settings import AllocationSettings, check_avg_rank, resolve_settings
+
+Batches = Iterable[Mapping[str, torch.Tensor]]
+
+
+def score_modules(stats: CalibrationStatistics, settings: AllocationSettings | None = None,
+                  convention: str = "2/tokens", backend: str | None = None) -> dict[str, ModuleMetrics]:
+    """The three metrics of every target module, in model order (each input group is read once)."""
+    settings = resolve_settings(settings)
+    diag = {g: s.hessian_diag(convention) for g, s in stats.groups.items()}
+    eig = {g: s.eigenvalues(convention) for g, s in stats.groups.items()} if settings.scope == "eigen" else {}
+    result = {}
+    for name, (d_in, d_out) in stats.dims.items():
+        group = stats.module_group[name]
+        result[name] = module_metrics(diag[group], d_out, group, settings, eig.get(group), backend)
+    return result
+
+
+def allocation_from_statistics(parts: Iterable[CalibrationStatistics], avg_rank: float = 8,
+                               settings: AllocationSettings | None = None, *, backend: str | None = None,
+                               **overrides: Any) -> Allocation:
+    """Score the statistics part by part (the whole model, or one block at a time) and allocate.
+
+    Scoring a module reads only its own input group, so scoring per block equals
+    scoring the whole model at once; each part is released before the next is made.
+    """
+    settings = resolve_settings(settings, **overrides)
+    metrics: dict[str, ModuleMetrics] = {}
+    n_tokens = n_groups = 0
+    for part in parts:
+        metrics.update(score_modules(part, settings, backend=backend))
+        n_tokens = max(n_tokens, part.n_tokens)
+        n_groups += len(part.groups)
+        del part  # let this part's Hessians go before the next block is computed
+    return allocate(metrics, avg_rank, settings, extra_settings={"n_tokens": n_tokens, "n_groups": n_groups})
+
+
+def compute_allocation(
+    model: nn.Module,
+    batches: Batches,
+    avg_rank: float = 8,
+    settings: AllocationSettings | None = None,
+    *,
+    target_modules: str | Sequence[str] | None = None,
+    backend: str | None = None,
+    progress: bool = True,
+    streaming: bool = False,
+    distributed: bool = False,
+    checkpoint_dir: str | None = None,
+    device: torch.device | str | None = None,
+    cache_device: torch.device | str | None = None,
+    **overrides: Any,
+) -> Allocation:
+    """Calibrate ``model`` on ``batches`` and allocate LoRA ranks (docs/method.md; defaults are the method's).
+
+    streaming: run the model one block at a time (same result, memory of one block's
+      statistics); ``checkpoint_dir`` makes such a run resumable; ``device`` moves each
+      block there while it runs and ``cache_device`` holds the cached activations (all
+      three imply streaming).
+    distributed: under torch.distributed (torchrun, accelerate launch), each rank takes
+      its shard of ``batches`` (the same list on every rank), the sums are all-reduced,
+      and every rank returns the allocation of all the data.
+    """
+    settings = resolve_settings(settings, **overrides)  # fail on bad settings before the expensive pass
+    check_avg_rank(avg_rank)
+    streaming = streaming or any(v is not None for v in (checkpoint_dir, device, cache_device))
+    blocks = block_statistics(model, batches, target_modules, settings.hessian, backend, streaming=streaming,
+                              distributed=distributed, checkpoint_dir=checkpoint_dir, device=device,
+                              cache_device=cache_device, progress=progress)
+    allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend)
+    if distributed:
+        allocation.settings["world_size"] = rank_and_world()[1]
+    return allocation
+
+
+def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,
+                   lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default",
+                   **allocation_kwargs: Any):
+    """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified.
+
+    ``allocation_kwargs`` go to :func:`compute_allocation` (``settings``, its fields, streaming, ...).
+    """
+    from peft import get_peft_model as peft_get_peft_model
+
+    from .peft import check_lora_kwargs, lora_config, verify_ranks
+
+    check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
+    allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
+    config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
+    peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        verify_ranks(peft_model, allocation, adapter_name)
+    except BaseException:
+        peft_model.unload()  # PEFT injected layers into ``model`` in place: take them out again
+        raise
+    return peft_model, allocation

@@ -1,0 +1,46 @@
+"""One-pass calibration: hooks on every target module, the batches run through the whole model once."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..progress import progress_bar
+from .forward import forward_kwargs, model_device, prepare_batch, preserved_state
+from .hooks import StatisticsHooks
+from .statistics import CalibrationStatistics
+from .targets import module_dims, resolve_targets
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: str | Sequence[str] | None = None,
+    hessian: str = "diag",
+    backend: str | None = None,
+    progress: bool = True,
+) -> CalibrationStatistics:
+    """Run ``batches`` through ``model`` once and return per-input-group statistics.
+
+    The model's weights, dtype, device and train/eval mode are unchanged afterwards;
+    hooks are removed also when an error is raised.
+    """
+    names = resolve_targets(model, target_modules)
+    lookup = dict(model.named_modules())
+    modules = {n: lookup[n] for n in names}
+    dims = {n: module_dims(m) for n, m in modules.items()}
+    device = model_device(model)
+    extra = forward_kwargs(model, modules.values())
+    seen_batches = 0
+    with preserved_state(model), StatisticsHooks(modules, hessian, backend) as hooks:
+        for index, batch in enumerate(progress_bar(batches, progress)):
+            kwargs, mask = prepare_batch(batch, device, index)
+            ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            hooks.context.set(mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]))
+            model(**kwargs, **extra)
+            seen_batches += 1
+    if seen_batches == 0:
+        raise CalibrationError("no calibration batches were given; pass at least one batch of text")
+    return hooks.result(dims)

@@ -1,0 +1,98 @@
+"""``sensitivity-lora allocate`` and ``sensitivity-lora compare``."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import options
+
+DEFAULT_OUT = "sensitivity_lora_out"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("allocate", help="calibrate a model on text and allocate LoRA ranks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Calibrate a model on text, score every target matrix by its Hessian "
+                                   "sensitivity and allocate LoRA ranks. With no --model/--data: SmolLM2-135M "
+                                   "on BBC News articles.")
+    options.add_model_and_data(p)
+    p.add_argument("--avg-rank", type=float, default=8.0, help="average LoRA rank r̄ (budget = r̄ × #modules)")
+    options.add_allocation_settings(p)
+    p.add_argument("--lora-alpha", type=float, help="lora_alpha of uniform LoRA at rank r̄ (default 2·r̄)")
+    p.add_argument("--streaming", action="store_true",
+                   help="run the model one block at a time (same result; holds one block's Hessians)")
+    p.add_argument("--checkpoint-dir", help="save finished blocks here and resume from them (implies --streaming)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--no-plot", action="store_true", help="do not write ranks.png")
+    p.add_argument("--no-verify", action="store_true", help="skip building the PEFT model to verify the ranks")
+    p.set_defaults(func=cmd_allocate)
+
+    c = sub.add_parser("compare", help="Kendall τ-b between the θ orderings of two allocations")
+    c.add_argument("a", help="an allocation.json")
+    c.add_argument("b", help="another allocation.json")
+    c.set_defaults(func=cmd_compare)
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from ..api import compute_allocation
+    from ..errors import MissingPackageError
+    from ..peft import lora_config, verify_ranks
+    from ..report import plot_ranks, rank_table
+
+    settings = options.allocation_settings(args)  # bad settings fail before the model is loaded
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    model, _, texts, batches = options.load_model_and_batches(args)
+    t1 = time.perf_counter()
+    allocation = compute_allocation(model, batches, args.avg_rank, settings, target_modules=options.targets(args),
+                                    backend=options.backend(args), progress=not args.quiet,
+                                    streaming=args.streaming, checkpoint_dir=args.checkpoint_dir)
+    t2 = time.perf_counter()
+    allocation.settings.update(options.data_record(args, texts))
+    out.mkdir(parents=True, exist_ok=True)
+    allocation.save(out / "allocation.json")
+    task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
+    config = lora_config(allocation, args.lora_alpha, task_type=task_type)
+    if args.model is None:
+        from ..models import default_model_dir
+
+        config.base_model_name_or_path = str(default_model_dir())
+    else:
+        config.base_model_name_or_path = str(args.model)
+    config.save_pretrained(str(out))
+    plotted = False
+    if not args.no_plot:
+        try:
+            plot_ranks(allocation, out / "ranks.png")
+            plotted = True
+        except MissingPackageError as exc:
+            print(f"skipped ranks.png: {exc}")
+    print(rank_table(allocation))
+    if not args.no_verify:
+        from peft import LoraConfig, get_peft_model
+
+        saved = LoraConfig.from_pretrained(str(out))
+        verify_ranks(get_peft_model(model, saved), allocation)
+        print("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks")
+    files = ["allocation.json", "adapter_config.json"] + (["ranks.png"] if plotted else [])
+    print(f"calibration + scoring {t2 - t1:.1f} s on {len(texts)} samples (total {time.perf_counter() - t0:.1f} s); "
+          f"wrote {', '.join(str(out / f) for f in files)}")
+    return 0
+
+
+def _is_causal_lm(model) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..scoring import Allocation, kendall_tau
+
+    a, b = Allocation.load(args.a), Allocation.load(args.b)
+    common = [n for n in a.modules if n in b.modules]
+    same = sum(a.modules[n].rank == b.modules[n].rank for n in common)
+    print(f"{len(common)} common modules; {same} with the same rank")
+    print(f"kendall_tau={kendall_tau(a, b):.4f}")
+    return 0

@@ -1,0 +1,55 @@
+"""``sensitivity-lora hessians``: write every input group's Hessian to safetensors files.
+
+    sensitivity-lora hessians --out hessians/                      # SmolLM2 on BBC text, full H
+    sensitivity-lora hessians --out h/ --model M --data D --resume # continue an interrupted run
+    torchrun --nproc_per_node 2 -m sensitivity_lora.cli hessians --out h/   # data-parallel
+
+Read them back with ``sensitivity_lora.load_hessians(DIR, convention=...)``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..settings import HESSIAN_MODES
+from . import options
+
+
+def add_parser(subparsers) -> None:
+    """Register ``hessians`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "hessians", help="calibrate and export per-input-group Hessians (safetensors)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Calibrate a model on text, block by block, and write one safetensors file per input group "
+                    "(raw fp64 Σxxᵀ, Σx² and Σx, token/sequence counts, member modules, normalisation in the "
+                    "metadata) plus index.json. Under torchrun/accelerate launch the batches are sharded over "
+                    "the processes, the sums all-reduced, and rank 0 writes.")
+    p.add_argument("--out", required=True, help="output folder")
+    options.add_model_and_data(p)
+    p.add_argument("--hessian", choices=HESSIAN_MODES, default="full", help="diag writes only Σx² and Σx")
+    p.add_argument("--device", help="where blocks run (e.g. cuda); weights stay where loaded and visit it in turn")
+    p.add_argument("--cache-device", help="where hidden states wait between blocks (e.g. cpu)")
+    p.add_argument("--no-streaming", action="store_true", help="one pass with hooks on the whole model")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted export in --out")
+    p.set_defaults(func=cmd_hessians)
+
+
+def cmd_hessians(args: argparse.Namespace) -> int:
+    from ..calibration.distributed import compute_device, init_from_env, rank_and_world
+    from ..hessians import export_hessians
+
+    distributed = init_from_env()
+    rank, world = rank_and_world()
+    device = args.device or (str(compute_device()) if distributed else None)
+    t0 = time.perf_counter()
+    model, _, texts, batches = options.load_model_and_batches(args)
+    settings = {**options.data_record(args, texts), "hessian": args.hessian}
+    export_hessians(model, batches, args.out, options.targets(args), args.hessian, options.backend(args),
+                    streaming=not args.no_streaming, distributed=distributed, resume=args.resume,
+                    progress=not args.quiet and rank == 0, settings=settings, device=device,
+                    cache_device=args.cache_device)
+    if rank == 0:
+        print(f"wrote the Hessians of {len(texts)} samples to {args.out} ({world} process(es), "
+              f"{time.perf_counter() - t0:.1f} s); load them with "
+              "sensitivity_lora.load_hessians(DIR, convention='2/tokens')")
+    return 0

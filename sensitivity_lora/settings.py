@@ -1,0 +1,145 @@
+"""How statistics become ranks: one frozen, validated settings object (docs/method.md §3–§5).
+
+    settings = AllocationSettings(method="sra", rho=4.0)          # validated on construction
+    settings.replace(fusion="global")                               # a validated copy
+
+Every entry point (``compute_allocation``, ``get_peft_model``, the CLI, streaming,
+distributed runs, the evaluation harness) takes one of these, or its fields as
+keyword arguments. The average rank r̄ is not part of it: it is the budget,
+given next to the settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any, Mapping
+
+HESSIAN_MODES = ("diag", "full")
+SCOPES = ("matrix", "row", "eigen")
+FUSIONS = ("sigma_mu2", "global", "local", "equal")
+METHODS = ("sra", "pra", "uniform")
+BUDGET_MODES = ("rank", "params")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}")
+
+
+def check_avg_rank(avg_rank: Any) -> None:
+    """r̄ must be a positive finite number."""
+    if not _is_real(avg_rank) or not (math.isfinite(avg_rank) and avg_rank > 0):
+        raise ValueError(f"avg_rank must be a positive finite number, got {avg_rank!r}")
+
+
+@dataclass(frozen=True)
+class AllocationSettings:
+    """Scoring and allocation settings; the defaults are the method's.
+
+    method: ``sra`` (ranks ∝ θ), ``pra`` (tiers) or ``uniform``.
+    hessian: ``diag`` (Σx², all the default metrics need) or ``full`` (Σxxᵀ too).
+    scope: ``matrix`` (diag(H_row) repeated d_out times), ``row`` or ``eigen`` (needs ``full``).
+    topk: a float in (0, 1] is a fraction of the m diagonal entries (k = floor(topk · m), at
+      least 1); an int ≥ 1 an absolute k.
+    energy: the energy share α of the effective rank, in (0, 1].
+    fusion: ``sigma_mu2`` (the method's σ/μ² weights) or the ablations ``global``, ``local``, ``equal``.
+    r_min: the smallest rank a module gets (≥ 1).
+    rho: the rank cap r_max = min(d_in, d_out, ρ·r̄); ``math.inf`` for none.
+    r_max: an absolute cap that overrides ρ.
+    budget_mode: ``rank`` (Σ r = r̄·M) or ``params`` (Σ r·(d_in + d_out) matched; SRA only).
+    tiers: PRA's number of tiers.
+    """
+
+    method: str = "sra"
+    hessian: str = "diag"
+    scope: str = "matrix"
+    topk: float | int = 0.5
+    energy: float = 0.85
+    fusion: str = "sigma_mu2"
+    r_min: int = 1
+    rho: float = 4.0
+    r_max: int | None = None
+    budget_mode: str = "rank"
+    tiers: int = 3
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("hessian", self.hessian, HESSIAN_MODES)
+        _choice("scope", self.scope, SCOPES)
+        _choice("fusion", self.fusion, FUSIONS)
+        _choice("budget_mode", self.budget_mode, BUDGET_MODES)
+        topk = self.topk
+        if not _is_real(topk):
+            raise ValueError(f"topk={topk!r} must be a float in (0, 1] (a fraction of the entries) "
+                             "or an int >= 1 (an absolute count)")
+        if _is_int(topk):
+            if topk < 1:
+                raise ValueError(f"topk={topk} as an int is an absolute count and must be >= 1; "
+                                 "use a float in (0, 1] for a fraction")
+        elif not (math.isfinite(topk) and 0.0 < topk <= 1.0):
+            raise ValueError(f"topk={topk} as a float is a fraction and must lie in (0, 1]; "
+                             "pass an int for an absolute count")
+        if not _is_real(self.energy) or not (math.isfinite(self.energy) and 0.0 < self.energy <= 1.0):
+            raise ValueError(f"energy={self.energy!r} must lie in (0, 1] (the energy share of the effective rank)")
+        if not _is_int(self.r_min) or self.r_min < 1:
+            raise ValueError(f"r_min must be an int >= 1, got {self.r_min!r}")
+        if not _is_real(self.rho) or math.isnan(self.rho) or self.rho <= 0:
+            raise ValueError(f"rho must be a positive number (or inf for no cap), got {self.rho!r}")
+        if self.r_max is not None and (not _is_int(self.r_max) or self.r_max < 1):
+            raise ValueError(f"r_max must be an int >= 1 or None, got {self.r_max!r}")
+        if not _is_int(self.tiers) or self.tiers < 1:
+            raise ValueError(f"tiers must be an int >= 1, got {self.tiers!r}")
+        if self.budget_mode == "params" and self.method != "sra":
+            raise ValueError(f"budget_mode='params' applies to method 'sra' only, not {self.method!r}")
+        if self.scope == "eigen" and self.hessian != "full":
+            raise ValueError("scope='eigen' needs the full Hessian: use hessian='full'")
+
+    def replace(self, **changes: Any) -> "AllocationSettings":
+        """A validated copy with ``changes`` applied (unknown names raise TypeError listing the fields)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown allocation setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AllocationSettings":
+        """The settings recorded in an allocation (other keys, e.g. the model name, are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if values.get("rho") in ("inf", "Infinity"):
+            values["rho"] = math.inf
+        return cls(**values)
+
+    def k_for(self, m: int) -> int:
+        """The number of top entries averaged for a module with m diagonal entries."""
+        from fractions import Fraction
+
+        if _is_int(self.topk):
+            if self.topk > m:
+                raise ValueError(f"topk={self.topk} exceeds the m={m} diagonal entries of a module; "
+                                 "lower topk or give it as a fraction in (0, 1]")
+            return int(self.topk)
+        # The decimal the user wrote (0.29, not 0.28999…), so floor(0.29 · 100) is 29.
+        return max(1, math.floor(Fraction(str(float(self.topk))) * m))
+
+
+def resolve_settings(settings: AllocationSettings | None = None, **overrides: Any) -> AllocationSettings:
+    """``settings`` (default: the method's) with keyword overrides applied and validated."""
+    if settings is not None and not isinstance(settings, AllocationSettings):
+        raise TypeError(f"settings must be an AllocationSettings, got {type(settings).__name__}")
+    base = settings or AllocationSettings()
+    return base.replace(**overrides) if overrides else base
