@@ -84,7 +84,15 @@ def compute_allocation(
     blocks = block_statistics(model, batches, target_modules, settings.hessian, backend, streaming=streaming,
                               distributed=distributed, checkpoint_dir=checkpoint_dir, device=device,
                               cache_device=cache_device, progress=progress)
-    allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend)
+    if settings.init == "none":
+        allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend)
+    else:  # the initialisers read every group's Σxxᵀ after the ranks are known
+        from .initialisation import initialise, merge_parts
+
+        parts = list(released(blocks))
+        allocation = allocation_from_statistics(parts, avg_rank, settings, backend=backend)
+        allocation, _ = initialise(model, merge_parts(parts), allocation, settings)
+        del parts
     if distributed:
         allocation.settings["world_size"] = rank_and_world()[1]
     return allocation
@@ -93,13 +101,14 @@ def compute_allocation(
 def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,
                    lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default",
                    **allocation_kwargs: Any):
-    """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified.
+    """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified; with an
+    ``init`` other than ``"none"`` every adapter starts from the allocation's initial A (B = 0).
 
     ``allocation_kwargs`` go to :func:`compute_allocation` (``settings``, its fields, streaming, ...).
     """
     from peft import get_peft_model as peft_get_peft_model
 
-    from .peft import check_lora_kwargs, lora_config, verify_ranks
+    from .peft import apply_initial_weights, check_lora_kwargs, lora_config, verify_ranks
 
     check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
@@ -107,6 +116,8 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
     peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
     try:
         verify_ranks(peft_model, allocation, adapter_name)
+        if allocation.initial_weights is not None:
+            apply_initial_weights(peft_model, allocation, adapter_name)
     except BaseException:
         peft_model.unload()  # PEFT injected layers into ``model`` in place: take them out again
         raise

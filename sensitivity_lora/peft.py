@@ -96,11 +96,15 @@ def lora_layers(peft_model: nn.Module, names: set[str], adapter_name: str = "def
 
 def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
     """Raise RankMismatchError unless every allocated module has a LoRA layer of exactly its rank and scale."""
-    expected = allocation.ranks()
+    ranks = allocation.ranks()
+    expected = {n: r for n, r in ranks.items() if r > 0}  # rank 0: no adapter
     found: dict[str, int] = {}
     scales: dict[str, float] = {}
     problems = []
-    for name, target, module in lora_layers(peft_model, set(expected), adapter_name):
+    for name, target, module in lora_layers(peft_model, set(ranks), adapter_name):
+        if target is not None and ranks[target] == 0:
+            problems.append(f"{target} has a LoRA layer but was allocated rank 0")
+            continue
         if target is None:
             problems.append(f"{name} has a LoRA layer but no allocation")
             continue
@@ -117,3 +121,27 @@ def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: st
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise RankMismatchError(f"the PEFT model does not match the allocation: {shown}")
+
+
+def apply_initial_weights(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
+    """Copy the allocation's initial A into every LoRA layer and set B = 0 (the adapter starts as the identity)."""
+    import torch
+
+    if allocation.initial_weights is None:
+        raise ValueError("this allocation has no initial weights (compute it with an init other than 'none')")
+    done = set()
+    with torch.no_grad():
+        for _, target, module in lora_layers(peft_model, set(allocation.modules), adapter_name):
+            if target is None:
+                continue
+            a = allocation.initial_weights[target]
+            weight_a = module.lora_A[adapter_name].weight
+            if tuple(weight_a.shape) != tuple(a.shape):
+                raise RankMismatchError(f"{target}: LoRA A has shape {tuple(weight_a.shape)}, the initial weight "
+                                        f"{tuple(a.shape)}")
+            weight_a.copy_(a.to(device=weight_a.device, dtype=weight_a.dtype))
+            module.lora_B[adapter_name].weight.zero_()
+            done.add(target)
+    missing = [n for n, m in allocation.modules.items() if m.rank > 0 and n not in done]
+    if missing:
+        raise RankMismatchError(f"{len(missing)} modules with initial weights have no LoRA layer (e.g. {missing[0]})")

@@ -21,6 +21,7 @@ SCOPES = ("matrix", "row", "eigen")
 FUSIONS = ("sigma_mu2", "global", "local", "equal")
 METHODS = ("sra", "pra", "uniform")
 BUDGET_MODES = ("rank", "params")
+INITS = ("none", "covariance", "eva", "output-aware")
 
 
 def _is_int(value: Any) -> bool:
@@ -58,6 +59,13 @@ class AllocationSettings:
     r_max: an absolute cap that overrides ρ.
     budget_mode: ``rank`` (Σ r = r̄·M) or ``params`` (Σ r·(d_in + d_out) matched; SRA only).
     tiers: PRA's number of tiers.
+    init: how the adapters start (docs/method.md §7). ``none``: PEFT's default LoRA init with the
+      ranks of ``method``; ``covariance``: the ranks of ``method``, A = the top eigenvectors of each
+      module's input covariance, B = 0; ``eva``: PEFT EVA's ranks and A, computed exactly;
+      ``output-aware``: ranks and A from the spectrum of W·M. Any init other than ``none`` needs
+      Σxxᵀ and so implies ``hessian="full"``.
+    init_rho: the per-module rank cap round(init_rho · r̄) of the ``eva`` and ``output-aware`` rules
+      (EVA's ρ; PEFT's default 2).
     """
 
     method: str = "sra"
@@ -71,8 +79,13 @@ class AllocationSettings:
     r_max: int | None = None
     budget_mode: str = "rank"
     tiers: int = 3
+    init: str = "none"
+    init_rho: float = 2.0
 
     def __post_init__(self) -> None:
+        _choice("init", self.init, INITS)
+        if self.init != "none" and self.hessian != "full":
+            object.__setattr__(self, "hessian", "full")  # an initialisation reads Σxxᵀ
         _choice("method", self.method, METHODS)
         _choice("hessian", self.hessian, HESSIAN_MODES)
         _choice("scope", self.scope, SCOPES)
@@ -99,6 +112,9 @@ class AllocationSettings:
             raise ValueError(f"r_max must be an int >= 1 or None, got {self.r_max!r}")
         if not _is_int(self.tiers) or self.tiers < 1:
             raise ValueError(f"tiers must be an int >= 1, got {self.tiers!r}")
+        if not _is_real(self.init_rho) or not (math.isfinite(self.init_rho) and self.init_rho >= 1.0):
+            raise ValueError(f"init_rho must be a finite number >= 1 (the cap is round(init_rho · r̄)), "
+                             f"got {self.init_rho!r}")
         if self.budget_mode == "params" and self.method != "sra":
             raise ValueError(f"budget_mode='params' applies to method 'sra' only, not {self.method!r}")
         if self.scope == "eigen" and self.hessian != "full":

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
 from ..errors import TargetError
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # GPT-2 style layers store the weight transposed
     from transformers.pytorch_utils import Conv1D
@@ -22,6 +25,15 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if Conv1D and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
+    raise TargetError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or transformers Conv1D)")
+
+
+def module_weight(module: nn.Module) -> "torch.Tensor":
+    """The weight of a linear layer in nn.Linear's (d_out, d_in) layout (Conv1D stores it transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.T
     raise TargetError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or transformers Conv1D)")
 
 

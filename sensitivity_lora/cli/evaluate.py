@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
     lm = sub.add_parser("lm", help="SmolLM2-135M causal LM on one BBC category, held-out perplexity")
     _common(lm, steps=20, batch=4, lr=1e-3)
     lm.add_argument("--avg-ranks", nargs="+", type=int, default=[4])
-    lm.add_argument("--category", default="tech")
+    lm.add_argument("--category", default="tech",
+                    help="a BBC News category, or 'python-docs' (docstrings of Python's standard library)")
     lm.add_argument("--n-train", type=int, default=160)
     lm.add_argument("--n-eval", type=int, default=16)
     lm.add_argument("--seq-len", type=int, default=128)
@@ -137,8 +138,13 @@ def cmd_lm(args: argparse.Namespace) -> int:
     from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
-    texts = [t for _, t in bbc_articles([args.category])]
     task = CausalLMTask(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len)
+    if args.category == "python-docs":
+        from ..evaluation.stability import stdlib_docstrings
+
+        texts = stdlib_docstrings(task.n_train + task.n_eval + 40)
+    else:
+        texts = [t for _, t in bbc_articles([args.category])]
     store = ResultStore(args.out)
     if not store.has("causal_lm", "base", 0, 0):  # the untrained model, for scale
         _, held_out = split_texts(texts, task.n_train, task.n_eval, 0)

@@ -7,8 +7,9 @@ A matrices) are chosen:
 
 - ``uniform``: r̄ everywhere (plain LoRA).
 - ``sra``/``pra`` and the ``sra-*`` variants: Sensitivity-LoRA through
-  :func:`sensitivity_lora.pipeline.compute_allocation`, with the keyword
-  arguments listed in :data:`METHODS`.
+  :func:`sensitivity_lora.api.get_peft_model`, with the allocation settings listed in
+  :data:`METHODS`; ``sl-eva``, ``sra-cov``, ``uniform-cov`` and ``output-aware`` the same
+  with an initialisation from the statistics (docs/method.md §7).
 - ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
   its own ρ = 2), rank budget r̄ per module; ``eva-uniform`` is the same
   initialisation with ρ = 1 (no redistribution) and ``eva-ranks`` plain LoRA
@@ -34,7 +35,7 @@ from .budget import adapter_ranks
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "uniform" | "sensitivity" | "eva" | "eva-ranks" | "adalora"
+    kind: str  # "uniform" | "sensitivity" (the package's API, with or without an init) | "eva" | "eva-ranks" | "adalora"
     allocation: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -52,6 +53,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "SRA with scope 'row' (diag(H_row) alone, no d_out factor)"),
     Method("sra-params", "sensitivity", {"method": "sra", "budget_mode": "params"},
            "SRA, LoRA parameter count matched to uniform"),
+    Method("sl-eva", "sensitivity", {"init": "eva"},
+           "this package's EVA: EVA's ranks and init (ρ = 2) from one calibration pass's Σxxᵀ, exact"),
+    Method("sra-cov", "sensitivity", {"method": "sra", "init": "covariance"},
+           "SRA ranks, A = top input-covariance eigenvectors, B = 0"),
+    Method("uniform-cov", "sensitivity", {"method": "uniform", "init": "covariance"},
+           "uniform ranks, A = top input-covariance eigenvectors, B = 0"),
+    Method("output-aware", "sensitivity", {"init": "output-aware"},
+           "ranks and A from the top right singular vectors of W·M (ρ = 2), B = 0"),
     Method("eva", "eva", {"rho": 2.0}, "PEFT EVA (activation SVD, its ρ = 2)"),
     Method("eva-uniform", "eva", {"rho": 1.0}, "PEFT EVA initialisation with uniform ranks (ρ = 1): EVA's init alone"),
     Method("eva-ranks", "eva-ranks", {"rho": 2.0}, "plain LoRA (standard init) with the ranks EVA (ρ = 2) chose: "
@@ -117,13 +126,11 @@ def build_adapted(
 
         peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
     elif method.kind == "sensitivity":
-        from ..peft import lora_config, verify_ranks
-        from ..api import compute_allocation
+        from ..api import get_peft_model as sensitivity_peft_model
 
-        allocation = compute_allocation(model, calibration, avg_rank=avg_rank, target_modules=targets,
-                                        progress=False, **dict(method.allocation))
-        peft_model = get_peft_model(model, lora_config(allocation, alpha, **common))
-        verify_ranks(peft_model, allocation)
+        peft_model, allocation = sensitivity_peft_model(model, calibration, avg_rank, lora_alpha=alpha,
+                                                        lora_kwargs=common, target_modules=targets, progress=False,
+                                                        **dict(method.allocation))
     elif method.kind == "eva":
         peft_model = _eva(model, avg_rank, alpha, targets, float(method.allocation["rho"]), calibration, common)
     elif method.kind == "eva-ranks":

@@ -6,12 +6,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..files import atomic_write_text, json_safe
 from .metrics import ModuleMetrics
 
-TOP_FRACTION = 0.05  # concentration: the share of the ranks held by this fraction of the modules
+if TYPE_CHECKING:
+    import torch
+
+TOP_FRACTION = 0.05
+WEIGHTS_FORMAT = "sensitivity-lora-initial-weights"  # concentration: the share of the ranks held by this fraction of the modules
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Allocation:
     budget_mode: str
     settings: dict = field(default_factory=dict)
     modules: dict[str, ModuleAllocation] = field(default_factory=dict)
+    # A of every module (rank × d_in, fp32; B = 0) when an initialisation was computed; not in the JSON
+    initial_weights: dict[str, "torch.Tensor"] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.settings = json_safe(self.settings)
@@ -89,8 +95,53 @@ class Allocation:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Allocation":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, initial_weights: str | Path | None = None) -> "Allocation":
+        """Read ``path`` (JSON) and, when given, the initial weights written by :meth:`save_initial_weights`."""
+        allocation = cls.from_dict(json.loads(Path(path).read_text()))
+        if initial_weights is not None:
+            allocation.initial_weights = load_initial_weights(initial_weights, allocation)
+        return allocation
+
+    def save_initial_weights(self, path: str | Path) -> None:
+        """The initial A matrices as safetensors (one tensor per module, rank × d_in), written atomically."""
+        if self.initial_weights is None:
+            raise ValueError("this allocation has no initial weights (compute it with an init other than 'none')")
+        from ..files import atomic_save_safetensors
+
+        tensors = {name: a for name, a in self.initial_weights.items() if a.shape[0] > 0}
+        atomic_save_safetensors(path, tensors, {"format": WEIGHTS_FORMAT, "init": str(self.settings.get("init")),
+                                                "ranks": json.dumps(self.ranks())})
+
+    def eva_state_dict(self, prefix: str = "base_model.model.") -> dict[str, "torch.Tensor"]:
+        """The initial weights in PEFT ``get_eva_state_dict``'s format, for
+        ``peft.tuners.lora.eva.initialize_lora_eva_weights(peft_model, eva_state_dict=...)``."""
+        if self.initial_weights is None:
+            raise ValueError("this allocation has no initial weights (compute it with an init other than 'none')")
+        return {prefix + name: a.clone() for name, a in self.initial_weights.items()}
+
+
+def load_initial_weights(path: str | Path, allocation: Allocation) -> dict[str, "torch.Tensor"]:
+    """The A matrices of ``path``, checked against ``allocation``'s ranks and shapes."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != WEIGHTS_FORMAT:
+            raise ValueError(f"{path} is not a sensitivity-lora initial-weights file (format={meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    weights = {}
+    for name, m in allocation.modules.items():
+        a = tensors.pop(name, None)
+        if a is None:
+            a = torch.zeros(0, m.d_in)
+        if tuple(a.shape) != (m.rank, m.d_in) or not a.is_floating_point() or not bool(torch.isfinite(a).all()):
+            raise ValueError(f"{path}: the weight of {name} has shape {tuple(a.shape)}, expected ({m.rank}, {m.d_in}) "
+                             "finite floats; was it written for this allocation?")
+        weights[name] = a
+    if tensors:
+        raise ValueError(f"{path} holds weights of modules the allocation does not have (e.g. {next(iter(tensors))})")
+    return weights
 
 
 def kendall_tau(a: Allocation, b: Allocation) -> float:
