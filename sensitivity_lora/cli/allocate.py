@@ -8,6 +8,7 @@ from pathlib import Path
 from . import options
 
 DEFAULT_OUT = "sensitivity_lora_out"
+WEIGHTS_FILE = "initial_weights.safetensors"
 
 
 def add_parsers(sub) -> None:
@@ -37,7 +38,7 @@ def add_parsers(sub) -> None:
 def cmd_allocate(args: argparse.Namespace) -> int:
     from ..api import compute_allocation
     from ..errors import MissingPackageError
-    from ..peft import lora_config, verify_ranks
+    from ..peft import apply_initial_weights, lora_config, verify_ranks
     from ..report import plot_ranks, rank_table
 
     settings = options.allocation_settings(args)  # bad settings fail before the model is loaded
@@ -52,6 +53,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     allocation.settings.update(options.data_record(args, texts))
     out.mkdir(parents=True, exist_ok=True)
     allocation.save(out / "allocation.json")
+    if allocation.initial_weights is not None:
+        allocation.save_initial_weights(out / WEIGHTS_FILE)
     task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
     config = lora_config(allocation, args.lora_alpha, task_type=task_type)
     if args.model is None:
@@ -73,9 +76,20 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from peft import LoraConfig, get_peft_model
 
         saved = LoraConfig.from_pretrained(str(out))
-        verify_ranks(get_peft_model(model, saved), allocation)
-        print("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks")
-    files = ["allocation.json", "adapter_config.json"] + (["ranks.png"] if plotted else [])
+        peft_model = get_peft_model(model, saved)
+        verify_ranks(peft_model, allocation)
+        if allocation.initial_weights is not None:
+            from ..scoring.result import load_initial_weights
+
+            allocation.initial_weights = load_initial_weights(out / WEIGHTS_FILE, allocation)
+            apply_initial_weights(peft_model, allocation)
+        print("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks"
+              + (" and takes the initial weights" if allocation.initial_weights is not None else ""))
+    files = ["allocation.json", "adapter_config.json"] + ([WEIGHTS_FILE] if allocation.initial_weights is not None
+                                                          else []) + (["ranks.png"] if plotted else [])
+    if settings.init != "none":
+        print(f"initialisation: {settings.init} (A from the calibration's input statistics, B = 0; "
+              f"{allocation.settings.get('decompositions')} decompositions)")
     print(f"calibration + scoring {t2 - t1:.1f} s on {len(texts)} samples (total {time.perf_counter() - t0:.1f} s); "
           f"wrote {', '.join(str(out / f) for f in files)}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..settings import BUDGET_MODES, FUSIONS, HESSIAN_MODES, METHODS, SCOPES, AllocationSettings
+from ..settings import BUDGET_MODES, FUSIONS, HESSIAN_MODES, INITS, METHODS, SCOPES, AllocationSettings
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -57,12 +57,18 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -
     p.add_argument("--budget-mode", choices=BUDGET_MODES, default=d.budget_mode,
                    help="rank: Σ r = r̄·M; params: the LoRA parameter count of uniform LoRA")
     p.add_argument("--tiers", type=int, default=d.tiers, help="PRA tiers")
+    p.add_argument("--init", choices=INITS, default=d.init,
+                   help="adapter initialisation from the statistics (docs/method.md §7); any but 'none' "
+                        "implies --hessian full and writes initial_weights.safetensors")
+    p.add_argument("--init-rho", type=float, default=d.init_rho,
+                   help="rank cap ρ of the eva / output-aware rank rules: round(ρ·r̄)")
 
 
 def allocation_settings(args: argparse.Namespace) -> AllocationSettings:
     return AllocationSettings(method=args.method, hessian=args.hessian, scope=args.scope, topk=args.topk,
                               energy=args.energy, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
-                              r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers)
+                              r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers, init=args.init,
+                              init_rho=args.init_rho)
 
 
 def backend(args: argparse.Namespace) -> str | None:

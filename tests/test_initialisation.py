@@ -1,0 +1,173 @@
+"""The init setting end to end: compute_allocation / get_peft_model / the CLI with an initialisation
+from the statistics, against independent fp64 oracles, PEFT's own loader and the streaming path."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_batches, tiny_llama
+from sensitivity_lora import AllocationSettings, calibrate, compute_allocation, get_peft_model
+from sensitivity_lora.cli import main
+from sensitivity_lora.peft import apply_initial_weights, lora_config, verify_ranks
+from sensitivity_lora.scoring.result import Allocation, load_initial_weights
+
+
+def _oracle_directions(model, batches, k: int) -> dict[str, np.ndarray]:
+    """Top-k eigenvectors (rows) of every target's centred input covariance, from hooks of our own, fp64 numpy."""
+    stats = calibrate(model, batches, hessian="diag", progress=False)  # only for the names and the groups
+    inputs: dict[str, list[np.ndarray]] = {name: [] for name in stats.dims}
+    lookup = dict(model.named_modules())
+    handles = []
+    for name in stats.dims:
+        def hook(module, args, name=name):
+            inputs[name].append(args[0].detach().double().reshape(-1, args[0].shape[-1]).numpy())
+        handles.append(lookup[name].register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    out = {}
+    for name, chunks in inputs.items():
+        masks = [b["attention_mask"].reshape(-1).bool().numpy() for b in batches]
+        x = np.concatenate([c[m] for c, m in zip(chunks, masks)])
+        values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+        out[name] = vectors[:, ::-1][:, :k].T
+    return out
+
+
+def test_covariance_init_keeps_the_ranks_and_takes_the_top_covariance_directions():
+    model, batches = tiny_llama(), random_batches(3)
+    plain = compute_allocation(model, batches, avg_rank=4, hessian="full", progress=False)
+    init = compute_allocation(model, batches, avg_rank=4, init="covariance", progress=False)
+    assert init.ranks() == plain.ranks() and init.method == "sra"
+    assert [m.theta for m in init.modules.values()] == [m.theta for m in plain.modules.values()]
+    oracle = _oracle_directions(model, batches, 16)
+    for name, m in init.modules.items():
+        a = init.initial_weights[name].double().numpy()
+        assert a.shape == (m.rank, m.d_in)
+        cos = np.abs(np.sum(a * oracle[name][: m.rank], axis=1))
+        assert cos.min() > 1 - 1e-4, (name, cos)
+        rows = init.initial_weights[name]
+        biggest = rows.abs().argmax(dim=1)
+        assert bool((rows.gather(1, biggest[:, None]) > 0).all())  # the sign convention
+    # one decomposition per input group, shared by its members
+    assert init.settings["decompositions"] == len(calibrate(model, batches, progress=False).groups)
+
+
+@pytest.mark.parametrize("init", ["covariance", "eva", "output-aware"])
+def test_streaming_gives_the_same_initialisation_as_one_pass(init):
+    model, batches = tiny_llama(), random_batches(3)
+    one = compute_allocation(model, batches, avg_rank=4, init=init, progress=False)
+    streamed = compute_allocation(model, batches, avg_rank=4, init=init, streaming=True, progress=False)
+    assert one.to_dict() == streamed.to_dict()
+    assert all(torch.equal(one.initial_weights[n], streamed.initial_weights[n]) for n in one.modules)
+    assert one.total_rank() == 4 * len(one.modules)  # the budget holds for every rank rule
+
+
+def test_eva_and_output_aware_choose_their_own_ranks_on_the_same_budget():
+    model, batches = tiny_llama(), random_batches(3)
+    for init in ("eva", "output-aware"):
+        a = compute_allocation(model, batches, avg_rank=4, init=init, progress=False)
+        assert a.method == init and a.budget == 4 * len(a.modules) == a.total_rank()
+        assert max(a.ranks().values()) <= round(2.0 * 4)  # init_rho = 2
+        assert set(a.initial_weights) == set(a.modules)
+
+
+@pytest.mark.parametrize("init", ["covariance", "eva"])
+def test_get_peft_model_starts_from_the_initial_weights_and_leaves_outputs_unchanged(init):
+    model, batches = tiny_llama(), random_batches(3)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.clone()
+    peft_model, allocation = get_peft_model(model, batches, avg_rank=4, init=init, progress=False)
+    applied = 0
+    for path, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            name = path.removeprefix("base_model.model.")
+            assert torch.equal(module.lora_A["default"].weight, allocation.initial_weights[name])
+            assert not module.lora_B["default"].weight.any()
+            applied += 1
+    assert applied == sum(r > 0 for r in allocation.ranks().values())
+    with torch.no_grad():  # B = 0: the adapted model computes what the base model did
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_eva_state_dict_loads_in_peft_unchanged_and_gives_the_same_adapter():
+    from peft import EvaConfig, LoraConfig
+    from peft import get_peft_model as peft_get_peft_model
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    batches = random_batches(3)
+    allocation = compute_allocation(tiny_llama(), batches, avg_rank=4, init="eva", progress=False)
+    ours = peft_get_peft_model(tiny_llama(), lora_config(allocation, 8.0))
+    apply_initial_weights(ours, allocation)
+    targets = list(allocation.modules)
+    theirs = peft_get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8.0, target_modules=targets,
+                                                           init_lora_weights="eva", eva_config=EvaConfig(rho=2.0)))
+    initialize_lora_eva_weights(theirs, eva_state_dict=allocation.eva_state_dict())
+    verify_ranks(theirs, allocation)  # PEFT's loader set exactly our ranks (and α/r constant)
+    mine = {p: m for p, m in ours.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    for path, module in theirs.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            torch.testing.assert_close(module.lora_A["default"].weight, mine[path].lora_A["default"].weight)
+            assert module.scaling["default"] == pytest.approx(mine[path].scaling["default"])
+
+
+def test_initial_weights_round_trip_and_refuse_a_foreign_allocation(tmp_path):
+    model, batches = tiny_llama(), random_batches(3)
+    allocation = compute_allocation(model, batches, avg_rank=4, init="eva", progress=False)
+    allocation.save(tmp_path / "allocation.json")
+    allocation.save_initial_weights(tmp_path / "w.safetensors")
+    loaded = Allocation.load(tmp_path / "allocation.json", initial_weights=tmp_path / "w.safetensors")
+    assert loaded == allocation
+    assert all(torch.equal(loaded.initial_weights[n], allocation.initial_weights[n]) for n in allocation.modules)
+    other = compute_allocation(model, batches, avg_rank=2, init="eva", progress=False)
+    with pytest.raises(ValueError, match="was it written for this allocation"):
+        load_initial_weights(tmp_path / "w.safetensors", other)
+    plain = compute_allocation(model, batches, avg_rank=4, progress=False)
+    with pytest.raises(ValueError, match="no initial weights"):
+        plain.save_initial_weights(tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_init_settings_are_validated():
+    assert AllocationSettings(init="eva").hessian == "full"  # an initialisation reads Σxxᵀ
+    with pytest.raises(ValueError, match="init='svd' is unknown"):
+        AllocationSettings(init="svd")
+    with pytest.raises(ValueError, match="init_rho"):
+        AllocationSettings(init="eva", init_rho=0.5)
+    with pytest.raises(ValueError, match="integer avg_rank"):
+        compute_allocation(tiny_llama(), random_batches(1), avg_rank=2.5, init="eva", progress=False)
+
+
+def test_verify_ranks_treats_rank_zero_as_no_adapter():
+    model, batches = tiny_llama(), random_batches(3)
+    allocation = compute_allocation(model, batches, avg_rank=4, progress=False)
+    name = next(iter(allocation.modules))
+    import dataclasses
+
+    zeroed = dataclasses.replace(allocation, modules={**allocation.modules,
+                                                      name: dataclasses.replace(allocation.modules[name], rank=0)})
+    from peft import get_peft_model as peft_get_peft_model
+
+    verify_ranks(peft_get_peft_model(tiny_llama(), lora_config(zeroed)), zeroed)  # no layer where rank is 0
+    from sensitivity_lora import RankMismatchError
+
+    with pytest.raises(RankMismatchError, match="allocated rank 0"):
+        verify_ranks(peft_get_peft_model(tiny_llama(), lora_config(allocation)), zeroed)
+
+
+def test_cli_allocate_with_init_writes_weights_that_rebuild_the_adapter(tiny_llama_dir, tmp_path):
+    text = tmp_path / "data.txt"
+    text.write_text("\n".join(f"calibration line {i} with a few words of text" for i in range(12)))
+    out = tmp_path / "out"
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--data", str(text), "--out", str(out), "--avg-rank", "4",
+                 "--init", "eva", "--no-plot", "--quiet", "--seq-len", "16"]) == 0
+    assert {p.name for p in out.iterdir()} == {"allocation.json", "adapter_config.json", "initial_weights.safetensors"}
+    allocation = Allocation.load(out / "allocation.json", initial_weights=out / "initial_weights.safetensors")
+    assert allocation.method == "eva" and json.loads((out / "allocation.json").read_text())["settings"]["init"] == "eva"
+    assert sum(a.shape[0] for a in allocation.initial_weights.values()) == allocation.total_rank()
