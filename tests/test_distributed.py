@@ -47,6 +47,8 @@ def _body(out: Path) -> None:
         allocation = compute_allocation(model, batches, avg_rank=4, hessian="full", streaming=streaming,
                                         distributed=True, progress=False)
         result[str(streaming)] = allocation.to_dict()
+    init = compute_allocation(model, batches, avg_rank=4, init="eva", distributed=True, progress=False)
+    result["eva"] = {"ranks": init.ranks(), "weights": {n: a.tolist() for n, a in init.initial_weights.items()}}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -80,6 +82,12 @@ def _check_outputs(out: Path) -> None:
         for n, m in expected.modules.items():
             assert got[n]["theta"] == pytest.approx(m.theta, rel=1e-10)
         assert ranks[0][streaming]["settings"]["world_size"] == 2
+    # the initialisation from all-reduced statistics equals the one-process one (to the sums' rounding)
+    single_eva = compute_allocation(model, batches, avg_rank=4, init="eva", progress=False)
+    assert ranks[0]["eva"]["ranks"] == single_eva.ranks()
+    for n, a in single_eva.initial_weights.items():
+        torch.testing.assert_close(torch.tensor(ranks[0]["eva"]["weights"][n], dtype=a.dtype).reshape(a.shape), a,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
