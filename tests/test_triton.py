@@ -75,22 +75,13 @@ CHOL_CASES = [  # (n, panel, block)
 
 
 def _kernels():
-    """The sensitivity_lora.kernels package: installed, or the source tree's kernels/ folder.
+    """The installed ``sensitivity_lora.kernels`` package (the top-level kernels/ folder; ``pip install -e .``).
 
-    Not through sensitivity_lora._triton, which refuses to load without a GPU or the interpreter
-    (AOT compilation needs neither)."""
+    Imported directly, not through the triton backend, which refuses to load without a GPU or the
+    interpreter (AOT compilation needs neither)."""
     import importlib
-    import importlib.util
 
-    try:
-        return importlib.import_module("sensitivity_lora.kernels")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location("sensitivity_lora.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sensitivity_lora.kernels"] = module
-        spec.loader.exec_module(module)
-        return module
+    return importlib.import_module("sensitivity_lora.kernels")
 
 
 def _diag_input(d: int, kind: str, seed: int) -> torch.Tensor:
