@@ -200,3 +200,19 @@ def test_group_sums_from_statistics_reads_full_mode_only():
     diag = sensitivity_lora.calibrate(model, token_batches(1, 4), hessian="diag", progress=False)
     with pytest.raises(ValueError, match="hessian='full'"):
         group_sums_from_statistics(diag)
+
+
+def test_batch_order_and_repeat_do_not_change_our_eva():
+    """Unlike PEFT's incremental PCA, the sums do not depend on the batch order (beyond fp64 rounding)."""
+    torch.set_num_threads(1)
+    model = structured_llama()
+    batches = token_batches(3, 4)
+    results = []
+    for order_of_batches in (batches, batches, batches[::-1]):
+        stats = sensitivity_lora.calibrate(model, order_of_batches, hessian="full", progress=False)
+        results.append(eva_init(group_sums_from_statistics(stats), 4, 2.0, order=list(stats.dims)))
+    first, again, reversed_ = results
+    assert first.ranks == again.ranks == reversed_.ranks
+    for m, a in first.components.items():
+        assert torch.equal(a, again.components[m])  # same inputs: same bytes
+        assert torch.allclose(a, reversed_.components[m], atol=1e-6)  # same signs, fp32 activations summed in another order
