@@ -248,6 +248,19 @@ def test_report_means_stds_and_paired_differences(tmp_path):
     assert len(report.load_records(tmp_path / "out")) == 0
 
 
+def test_report_pairs_causal_lm_runs_with_peft_eva_by_seed(tmp_path):
+    records = [{"task": "causal_lm", "method": m, "avg_rank": 4, "seed": seed, "perplexity": p}
+               for seed, values in enumerate([(30.0, 27.0, 26.0), (31.0, 28.0, 26.5), (32.0, 27.5, 28.0)])
+               for m, p in zip(("uniform", "eva", "sl-eva"), values)]
+    (tmp_path / "runs.json").write_text(json.dumps(records))
+    rows = {r["method"]: r for r in report.summarize(report.load_records(tmp_path))}
+    assert rows["sl-eva"]["perplexity_vs_eva"][0] == pytest.approx((-1.0 - 1.5 + 0.5) / 3)
+    assert rows["sl-eva"]["perplexity_vs_uniform"][0] == pytest.approx((-4.0 - 4.5 - 4.0) / 3)
+    assert rows["eva"]["perplexity_vs_eva"] is None and rows["uniform"]["perplexity_vs_uniform"] is None
+    table = report.results_table(list(rows.values()), "causal_lm", 4)
+    assert "| sl-eva | 3 | 26.833 ± 1.041 | -4.167 ± 0.289 | -0.667 ± 1.041 |" in table
+
+
 def test_cli_registers_the_evaluate_subcommands():
     import argparse
 

@@ -36,19 +36,24 @@ def _order(method: str) -> int:
     return names.index(method) if method in names else -1
 
 
+REFERENCES = ("uniform", "eva")  # paired differences are reported against these methods (plain LoRA, PEFT's EVA)
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, avg_rank, method): mean ± std of each score, and the paired difference to uniform."""
+    """One row per (task, avg_rank, method): mean ± std of each score, and the paired (same seed)
+    differences to uniform LoRA and to PEFT's EVA."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["avg_rank"], r["method"])].append(r)
     rows = []
     for (task, avg_rank, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], _order(kv[0][2]))):
         row: dict[str, Any] = {"task": task, "avg_rank": avg_rank, "method": method, "n_seeds": len(runs)}
-        uniform = {u["seed"]: u for u in groups.get((task, avg_rank, "uniform"), [])}
         for score in SCORES[task]:
             row[score] = mean_std(r[score] for r in runs)
-            paired = [r[score] - uniform[r["seed"]][score] for r in runs if r["seed"] in uniform]
-            row[f"{score}_vs_uniform"] = mean_std(paired) if paired and method != "uniform" else None
+            for reference in REFERENCES:
+                by_seed = {u["seed"]: u for u in groups.get((task, avg_rank, reference), [])}
+                paired = [r[score] - by_seed[r["seed"]][score] for r in runs if r["seed"] in by_seed]
+                row[f"{score}_vs_{reference}"] = mean_std(paired) if paired and method != reference else None
         for key in ("rank_sum", "lora_params", "rank_max", "setup_seconds", "train_seconds"):
             if all(key in r for r in runs):
                 row[key] = statistics.fmean(r[key] for r in runs)
@@ -75,10 +80,11 @@ def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
                  f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
                  f"{r.get('train_seconds', 0):.0f} |" for r in rows]
     else:
-        head = ("| method | seeds | held-out perplexity | Δ vs uniform | Σ rank | LoRA params | max rank | "
-                "setup s | train s |\n|---|---|---|---|---|---|---|---|---|")
+        head = ("| method | seeds | held-out perplexity | Δ vs uniform | Δ vs PEFT EVA | Σ rank | LoRA params | "
+                "max rank | setup s | train s |\n|---|---|---|---|---|---|---|---|---|---|")
         lines = [f"| {r['method']} | {r['n_seeds']} | {_pm(r['perplexity'], digits=3)} | "
-                 f"{_pm(r['perplexity_vs_uniform'], digits=3, sign=True)} | {r.get('rank_sum', 0):.0f} | "
+                 f"{_pm(r['perplexity_vs_uniform'], digits=3, sign=True)} | "
+                 f"{_pm(r['perplexity_vs_eva'], digits=3, sign=True)} | {r.get('rank_sum', 0):.0f} | "
                  f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
                  f"{r.get('train_seconds', 0):.0f} |" for r in rows]
     return "\n".join([head, *lines])
