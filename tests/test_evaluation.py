@@ -139,7 +139,8 @@ def lm_runs(tokenizer):
     task = CausalLMTask(n_train=12, n_eval=4, seq_len=20, n_calibration=8, calibration_batch_size=4)
     config = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     texts = _texts(30)
-    names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "eva-ranks", "adalora")
+    names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "eva-ranks", "adalora",
+             "sl-eva", "sra-cov", "uniform-cov", "output-aware")
     return model, {m: run_causal_lm(model, tokenizer, texts, METHODS[m], 3, 0, config, task) for m in names}
 
 
@@ -154,12 +155,15 @@ def test_every_method_gets_the_same_steps_data_and_schedule(lm_runs):
 def test_rank_budget_is_exact_for_rank_mode_methods(lm_runs):
     _, runs = lm_runs
     n_modules = 14  # 2 blocks × 7 linear layers
-    for name in ("uniform", "sra", "sra-rho2", "sra-rhoinf", "eva", "eva-uniform", "adalora"):
+    for name in ("uniform", "sra", "sra-rho2", "sra-rhoinf", "eva", "eva-uniform", "adalora", "sl-eva", "sra-cov",
+                 "uniform-cov", "output-aware"):
         assert runs[name]["rank_sum"] == 3 * n_modules, name
         assert runs[name]["n_modules"] == n_modules
     for name in ("uniform", "eva-uniform"):  # ρ = 1: EVA's initialisation without its redistribution
         assert runs[name]["rank_min"] == runs[name]["rank_max"] == 3, name
     assert runs["eva-ranks"]["ranks"] == runs["eva"]["ranks"]  # EVA's ranks with plain LoRA's init
+    assert runs["sra-cov"]["ranks"] == runs["sra"]["ranks"]  # the covariance init keeps SRA's ranks
+    assert runs["uniform-cov"]["ranks"] == runs["uniform"]["ranks"]
     assert runs["sra"]["n_distinct_ranks"] > 1  # the allocation did something
     assert runs["sra-rho2"]["rank_max"] <= 6
 
