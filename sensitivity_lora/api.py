@@ -14,6 +14,9 @@ from torch import nn
 
 from .calibration import CalibrationStatistics, block_statistics, released
 from .calibration.distributed import rank_and_world
+from .calibration.model_state import ModelState
+from .calibration.validate import check_device, check_model
+from .files import ensure_output_folder
 from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
 from .settings import AllocationSettings, check_avg_rank, resolve_settings
 
@@ -77,9 +80,16 @@ def compute_allocation(
     distributed: under torch.distributed (torchrun, accelerate launch), each rank takes
       its shard of ``batches`` (the same list on every rank), the sums are all-reduced,
       and every rank returns the allocation of all the data.
+
+    Everything is checked before any work (settings, r̄, devices, the model, the target modules,
+    every batch); the model is exactly as before afterwards, also when an error is raised.
     """
     settings = resolve_settings(settings, **overrides)  # fail on bad settings before the expensive pass
     check_avg_rank(avg_rank)
+    check_device(device), check_device(cache_device, "cache_device")
+    check_model(model)
+    if checkpoint_dir is not None:
+        ensure_output_folder(checkpoint_dir, "checkpoint folder")
     streaming = streaming or any(v is not None for v in (checkpoint_dir, device, cache_device))
     blocks = block_statistics(model, batches, target_modules, settings.hessian, backend, streaming=streaming,
                               distributed=distributed, checkpoint_dir=checkpoint_dir, device=device,
@@ -108,17 +118,21 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
     """
     from peft import get_peft_model as peft_get_peft_model
 
-    from .peft import apply_initial_weights, check_lora_kwargs, lora_config, verify_ranks
+    from .peft import apply_initial_weights, check_lora_alpha, check_lora_kwargs, lora_config, verify_ranks
 
     check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
+    check_lora_alpha(lora_alpha)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
     config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
-    peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+    before = ModelState.capture(model)  # PEFT changes ``model`` in place: children, requires_grad, flags
     try:
+        peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
         verify_ranks(peft_model, allocation, adapter_name)
         if allocation.initial_weights is not None:
             apply_initial_weights(peft_model, allocation, adapter_name)
     except BaseException:
-        peft_model.unload()  # PEFT injected layers into ``model`` in place: take them out again
+        before.restore()  # the injected layers out, every requires_grad flag and attribute as it was
         raise
     return peft_model, allocation

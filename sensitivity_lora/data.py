@@ -71,18 +71,47 @@ def _interleave_categories(articles: list[tuple[str, str]], seed: int | None) ->
 
 # --- reading files --------------------------------------------------------------------------------------
 
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+         (b"\xfe\xff", "UTF-16"))
+_TEXT_CONTROLS = {"\t", "\n", "\r", "\f", "\v", "\x1b"}
+
+
+def _control_share(text: str) -> float:
+    """The share of characters that are control codes no text file holds (NUL, bell, ...)."""
+    if not text:
+        return 0.0
+    controls = sum(1 for c in text if (c < " " or c == "\x7f") and c not in _TEXT_CONTROLS)
+    return controls / len(text)
+
+
 def _read_text(path: Path) -> str:
-    """UTF-8, else Windows-1252 (older English text such as some BBC files, e.g. '£' as byte 0xA3)."""
+    """UTF-8 (a byte-order mark is dropped), else Windows-1252 (older English text such as some BBC files,
+    e.g. '£' as byte 0xA3). UTF-16/UTF-32 and binary files are refused with an error naming the file:
+    decoded as Windows-1252 they would calibrate on garbage."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    for encoding in ("utf-8", "cp1252"):
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            raise DataError(f"{path} is {name} text; this reader takes UTF-8: convert it (e.g. "
+                            f"`iconv -f {name} -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`)")
+    if b"\x00" in raw:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes: binary data, or UTF-16/UTF-32 without a "
+                        "byte-order mark): pass UTF-8 text")
+    try:
+        text = raw.decode("utf-8-sig")
+        limit = 0.01  # a stray control character or two in real text is tolerated
+    except UnicodeDecodeError:
         try:
-            return raw.decode(encoding)
+            text = raw.decode("cp1252")
         except UnicodeDecodeError:
-            pass
-    raise DataError(f"{path} is neither UTF-8 nor Windows-1252 text: convert it to UTF-8")
+            raise DataError(f"{path} is neither UTF-8 nor Windows-1252 text: convert it to UTF-8") from None
+        limit = 0.0  # the fallback decodes almost any bytes: only clean text is taken
+    if _control_share(text) > limit:
+        raise DataError(f"{path} does not look like text (it holds control characters, as binary files do): "
+                        "pass UTF-8 text")
+    return text
 
 
 def _texts_from_lines(path: Path) -> list[str]:

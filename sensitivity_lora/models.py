@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingPackageError
+from .errors import MissingPackageError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -173,6 +173,31 @@ def _ensure_pad_token(tokenizer: Any, model: nn.Module) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+# Parameters a loader may start fresh by design (a task head over a pretrained body).
+_HEAD_PARTS = {"classifier", "score", "pooler", "qa_outputs", "lm_head", "cls"}
+
+
+def _load_weights(auto_class: Any, folder: Path, kwargs: dict) -> "nn.Module":
+    """``auto_class.from_pretrained(folder)``; missing, truncated or partial weight files are a ModelError
+    (transformers would start the missing weights at random and calibrate a random model)."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_class.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelError(f"cannot load the weights in {folder} ({type(exc).__name__}: {exc}); the weight files "
+                         "are missing, truncated or not of this model: save the model again with "
+                         "save_pretrained") from None
+    missing = [k for k in info.get("missing_keys", []) if not _HEAD_PARTS & set(k.split("."))]
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        example = (missing or [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched])[0]
+        raise ModelError(f"{folder}: {len(missing)} weights are missing from the weight files and "
+                         f"{len(mismatched)} have the wrong shape (e.g. {example}); transformers would start "
+                         "them at random. Save the model again with save_pretrained")
+    return model
+
+
 def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = "auto",
                              dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer with a pad token).
@@ -183,6 +208,11 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    import torch
+
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, torch.float16), "
+                         f"got {dtype!r}")
     from transformers import AutoConfig, AutoTokenizer
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -211,6 +241,6 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"{folder} has no tokenizer AutoTokenizer can load ({exc}): save the tokenizer "
                              "beside the model (tokenizer.save_pretrained(folder))") from exc
-        model = _model_class(config, task).from_pretrained(str(folder), **kwargs)
+        model = _load_weights(_model_class(config, task), folder, kwargs)
     _ensure_pad_token(tokenizer, model)
     return model.eval(), tokenizer

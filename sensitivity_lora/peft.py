@@ -6,24 +6,70 @@ regex-escaped module paths, and :func:`verify_ranks` checks the built model.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import math
 import re
+from numbers import Integral, Real
 from typing import Any, Iterator, Mapping
 
 from torch import nn
 
 from .errors import RankMismatchError
 from .scoring.result import Allocation
+from .settings import check_avg_rank
 
 RESERVED_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
 
 
 def check_lora_kwargs(lora_kwargs: Mapping[str, Any]) -> None:
-    """Reject LoraConfig fields the allocation sets itself (checked before any calibration)."""
+    """Reject what LoraConfig would reject, before any calibration: fields the allocation sets itself,
+    names LoraConfig does not have (with the closest ones), and values it refuses."""
+    from peft import LoraConfig
+
+    if not isinstance(lora_kwargs, Mapping) or not all(isinstance(k, str) for k in lora_kwargs):
+        raise ValueError(f"lora_kwargs must be a mapping of LoraConfig field names to values, got {lora_kwargs!r}")
     for key in RESERVED_KEYS:
         if key in lora_kwargs:
             hint = "pass lora_alpha= on its own" if key == "lora_alpha" else "the allocation sets it"
             raise ValueError(f"{key!r} cannot be given in the LoRA keyword arguments: {hint}")
+    fields = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+    for key in lora_kwargs:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see peft.LoraConfig for its fields"
+            raise ValueError(f"{key!r} is not a LoraConfig field ({hint})")
+    try:  # PEFT's own checks of the values (dropout, bias, init_lora_weights, ...)
+        LoraConfig(r=1, lora_alpha=1.0, target_modules=["_"], **lora_kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"LoraConfig refuses these LoRA keyword arguments: {exc}") from None
+
+
+def check_lora_alpha(lora_alpha: Any) -> None:
+    """lora_alpha is None (2 · r̄) or a positive finite number."""
+    if lora_alpha is None:
+        return
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, Real) or not math.isfinite(lora_alpha) \
+            or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a positive finite number (or None for 2 · avg_rank), got {lora_alpha!r}")
+
+
+def _sorted_sets(value: Any) -> Any:
+    """Sets (and frozensets) as sorted lists, at any depth: JSON has no sets, and their order is the hash seed's."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(_sorted_sets(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _sorted_sets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_sets(v) for v in value]
+    return value
+
+
+def lora_config_json(config) -> str:
+    """``adapter_config.json`` for ``config`` as PEFT's ``save_pretrained`` writes it (indent 2, sorted keys),
+    but byte-for-byte reproducible: every set (``target_modules``) sorted, and standard JSON (no NaN)."""
+    return json.dumps(_sorted_sets(config.to_dict()), indent=2, sort_keys=True, allow_nan=False)
 
 
 def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_kwargs: Any):
@@ -49,11 +95,14 @@ def lora_config_from_ranks(ranks: Mapping[str, int], avg_rank: float, lora_alpha
     from peft import LoraConfig
 
     check_lora_kwargs(lora_kwargs)
+    check_avg_rank(avg_rank)
+    check_lora_alpha(lora_alpha)
     avg = float(avg_rank)
     alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * avg
-    if alpha <= 0 or avg <= 0:
-        raise ValueError(f"lora_alpha and avg_rank must be positive, got {alpha} and {avg}")
-    bad = {name: r for name, r in ranks.items() if int(r) != r or r < 0}
+    if not isinstance(ranks, Mapping):
+        raise ValueError(f"ranks must be a mapping of module names to ranks, got {type(ranks).__name__}")
+    bad = {name: r for name, r in ranks.items()
+           if isinstance(r, bool) or not isinstance(r, Integral) or r < 0 or not isinstance(name, str)}
     if bad:
         raise ValueError(f"ranks must be non-negative integers, got {bad}")
     ranks = {name: int(r) for name, r in ranks.items() if r > 0}
@@ -68,7 +117,7 @@ def lora_config_from_ranks(ranks: Mapping[str, int], avg_rank: float, lora_alpha
     return LoraConfig(
         r=default_rank,
         lora_alpha=module_alpha(default_rank),
-        target_modules=list(ranks),
+        target_modules=sorted(ranks),
         rank_pattern={re.escape(name): r for name, r in ranks.items()},
         alpha_pattern={re.escape(name): module_alpha(r) for name, r in ranks.items()},
         **lora_kwargs,

@@ -8,7 +8,8 @@ import torch
 
 from conftest import random_batches, tiny_gpt2, tiny_llama
 from sensitivity_lora.calibration import streaming
-from sensitivity_lora.hessians.format import save_group
+from sensitivity_lora.errors import FileFormatError
+from sensitivity_lora.hessians.format import read_index, save_group
 from sensitivity_lora.hessians import export_hessians, load_hessian, load_hessians
 
 
@@ -121,7 +122,10 @@ def test_interrupted_export_resumes_to_the_same_files(tmp_path, monkeypatch):
         m.setattr(streaming, "_run_block", crashing)
         with pytest.raises(RuntimeError, match="killed"):
             export_hessians(model, batches, tmp_path / "resumed", resume=True, progress=False)
-    assert len(load_hessians(tmp_path / "resumed", by="group")) == 4  # block 0 only
+    index = read_index(tmp_path / "resumed")
+    assert len(index["groups"]) == 4 and index["complete"] is False  # block 0 only, and marked unfinished
+    with pytest.raises(FileFormatError, match="incomplete"):
+        load_hessians(tmp_path / "resumed")
     measured = []
     hooks = streaming.StatisticsHooks
     monkeypatch.setattr(streaming, "StatisticsHooks", lambda mods, *a: (measured.append(next(iter(mods))), hooks(mods, *a))[1])

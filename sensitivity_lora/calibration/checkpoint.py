@@ -1,12 +1,14 @@
 """Resumable streaming: finalised per-block statistics on disk, and which blocks are done.
 
-A checkpoint folder holds ``manifest.json`` (a fingerprint of the run: targets,
-Hessian mode, the calibration data's hash, ... and the list of finished
-blocks) and, when ``store`` is on, ``block_00012.safetensors`` with that block's
-raw sums (the encoding of ``serialize``). Every file is written to a temporary
-name and renamed, and a block is listed as done only after its file exists, so
-a run killed at any point resumes from the last finished block and gives the
-same result. Resuming with other data or settings is refused with an error.
+A checkpoint folder holds ``manifest.json`` (the run's fingerprint, see
+``fingerprint``: model weights and config, data, settings, package version; and the
+list of finished blocks) and, when ``store`` is on, ``block_00012.safetensors`` with
+that block's raw sums (the encoding of ``serialize``). Every file is written to a
+temporary name and renamed, and a block is listed as done only after its file exists,
+so a run killed at any point resumes from the last finished block and gives the same
+result. Resuming with anything that differs is refused with an error naming it; every
+file read back is checked (shapes, dtypes, finite values) and a bad one is named. One
+run at a time: the folder is locked while a run writes to it.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from typing import Mapping
 
 import torch
 
-from ..errors import CheckpointMismatchError
-from ..files import atomic_save_safetensors, atomic_write_json
-from .serialize import group_from, group_header, group_tensors
+from ..errors import CheckpointMismatchError, FileFormatError
+from ..files import atomic_save_safetensors, atomic_write_json, output_lock
+from .fingerprint import differences
+from .serialize import check_group, group_from, group_header, group_tensors, read_safetensors
 from .statistics import CalibrationStatistics
 
 MANIFEST = "manifest.json"
@@ -39,23 +42,55 @@ class BlockCheckpoint:
         self.writable = writable
         self.done: list[int] = []
         self._manifest: dict | None = None
+        self._lock = None
 
     def open(self, fingerprint: Mapping) -> list[int]:
-        """Start or resume; returns the indices of the blocks already finished."""
+        """Start or resume; returns the indices of the blocks already finished. A writable checkpoint holds
+        the folder's lock until :meth:`close` (a second run on the folder gets OutputInUseError)."""
         fingerprint = json.loads(json.dumps(dict(fingerprint)))  # normalise (tuples → lists)
+        if self.writable and self._lock is None:
+            self._lock = output_lock(self.directory, "checkpoint folder")
+            self._lock.__enter__()
+        try:
+            return self._open(fingerprint)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def _read_manifest(self, path: Path) -> dict:
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FileFormatError(f"{path} is not a readable checkpoint manifest ({exc}); delete the folder "
+                                  f"{self.directory} to start over") from None
+        done = manifest.get("done") if isinstance(manifest, dict) else None
+        if (not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict)
+                or not isinstance(done, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in done)):
+            raise FileFormatError(f"{path} is not a checkpoint manifest of this package (it needs a fingerprint "
+                                  f"and a list of finished block numbers); delete the folder {self.directory} "
+                                  "to start over")
+        return manifest
+
+    def _open(self, fingerprint: dict) -> list[int]:
         path = self.directory / MANIFEST
-        if path.is_file():
-            manifest = json.loads(path.read_text())
-            old = manifest.get("fingerprint", {})
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if path.exists():
+            manifest = self._read_manifest(path)
+            diff = differences(manifest["fingerprint"], fingerprint)
             if diff:
                 raise CheckpointMismatchError(
-                    f"checkpoint {self.directory} was written by a different run ({', '.join(diff)} differ); "
-                    "resume with the same model, data and settings, or use a new checkpoint folder"
+                    f"checkpoint {self.directory} was written by a different run: {'; '.join(diff)} differ. "
+                    "Resume with the same model, data and settings, or use a new (or emptied) checkpoint folder"
                 )
             if manifest.get("store", True) != self.store:
                 raise CheckpointMismatchError(f"checkpoint {self.directory} was written with store={manifest.get('store')}")
-            self.done = [int(i) for i in manifest.get("done", [])]
+            self.done = sorted(set(manifest["done"]))
             if self.store:
                 missing = [i for i in self.done if not self._block_path(i).is_file()]
                 if missing:
@@ -94,16 +129,23 @@ class BlockCheckpoint:
         self.done.append(index)
 
     def load(self, index: int, device: torch.device | str = "cpu", backend: str | None = None) -> CalibrationStatistics:
-        """The statistics saved for block ``index``."""
-        from safetensors import safe_open
-
+        """The statistics saved for block ``index``, every tensor checked (FileFormatError naming the file)."""
         if not self.store:
             raise ValueError(f"checkpoint {self.directory} does not store statistics (store=False)")
-        with safe_open(str(self._block_path(index)), framework="pt", device="cpu") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        path = self._block_path(index)
+        meta, tensors = read_safetensors(path, "checkpoint block")
+        fix = f"delete the checkpoint folder {self.directory} to start over"
+        try:
+            headers = json.loads(meta["groups"])
+            dims = {k: (int(v[0]), int(v[1])) for k, v in json.loads(meta["dims"]).items()}
+            module_group = json.loads(meta["module_group"])
+            mode = meta["mode"]
+            if not isinstance(headers, list) or not isinstance(module_group, dict):
+                raise TypeError("groups must be a list and module_group a mapping")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FileFormatError(f"{path}: its metadata is not that of a checkpoint block ({exc}); {fix}") from None
         groups = {}
-        for j, header in enumerate(json.loads(meta["groups"])):
+        for j, header in enumerate(headers):
+            check_group(header, tensors, f"g{j}.", path, fix)
             groups[header["group"]] = group_from(header, tensors, prefix=f"g{j}.", device=device, backend=backend)
-        dims = {k: (int(v[0]), int(v[1])) for k, v in json.loads(meta["dims"]).items()}
-        return CalibrationStatistics(groups, json.loads(meta["module_group"]), dims, meta["mode"])
+        return CalibrationStatistics(groups, module_group, dims, mode)

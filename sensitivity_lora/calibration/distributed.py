@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from ..errors import DistributedSetupError
 from .checkpoint import BlockCheckpoint
 from .statistics import CalibrationStatistics
 
@@ -45,7 +46,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> bool:
         return False
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set; start the processes with torchrun "
+            raise DistributedSetupError(f"WORLD_SIZE={world} but {var} is not set; start the processes with torchrun "
                                "or accelerate launch, which set it")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -86,7 +87,7 @@ def all_reduce_statistics(stats: CalibrationStatistics, group: Any = None) -> No
     key = torch.tensor([_structure_key(stats), -_structure_key(stats)], dtype=torch.int64, device=device)
     dist.all_reduce(key, op=dist.ReduceOp.MAX, group=group)
     if int(key[0]) != _structure_key(stats) or int(key[1]) != -_structure_key(stats):
-        raise RuntimeError("the ranks found different input groups or target modules; every rank must run "
+        raise DistributedSetupError("the ranks found different input groups or target modules; every rank must run "
                            "the same model with the same target_modules and hessian mode")
     for g in stats.groups.values():
         for attr in ("sumsq", "sum", "xtx"):

@@ -1,27 +1,14 @@
 """Running a model for calibration: its state preserved, batches checked, unneeded work skipped."""
 from __future__ import annotations
 
-import contextlib
 import inspect
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import CalibrationError
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode and no gradients inside; every module's train/eval flag restored after, also on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+from .model_state import preserved_state  # noqa: F401  (re-exported: calibration runs inside it)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -60,3 +47,13 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], device: torch.device, index
     if mask is not None and not bool(mask.to(torch.bool).any()):
         raise CalibrationError(f"batch {index} is all padding (attention_mask is 0 everywhere); drop empty samples")
     return kwargs, mask
+
+
+def run_model(model: nn.Module, kwargs: Mapping, index: int):
+    """``model(**kwargs)``; an IndexError inside (an embedding or position table too small for the batch)
+    becomes a CalibrationError naming the batch."""
+    try:
+        return model(**kwargs)
+    except IndexError as exc:
+        raise CalibrationError(f"the model's forward pass failed on batch {index} ({exc}): check that the token "
+                               "ids and the sequence length fit the model (its vocabulary and positions)") from exc

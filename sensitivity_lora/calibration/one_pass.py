@@ -8,10 +8,11 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..progress import progress_bar
-from .forward import forward_kwargs, model_device, prepare_batch, preserved_state
+from .forward import forward_kwargs, model_device, prepare_batch, preserved_state, run_model
 from .hooks import StatisticsHooks
 from .statistics import CalibrationStatistics
 from .targets import module_dims, resolve_targets
+from .validate import check_batches, check_model, real_rows
 
 
 def calibrate(
@@ -27,7 +28,9 @@ def calibrate(
     The model's weights, dtype, device and train/eval mode are unchanged afterwards;
     hooks are removed also when an error is raised.
     """
+    check_model(model)
     names = resolve_targets(model, target_modules)
+    batches = check_batches(model, batches)  # every batch checked before the first forward pass
     lookup = dict(model.named_modules())
     modules = {n: lookup[n] for n in names}
     dims = {n: module_dims(m) for n, m in modules.items()}
@@ -38,8 +41,8 @@ def calibrate(
         for index, batch in enumerate(progress_bar(batches, progress)):
             kwargs, mask = prepare_batch(batch, device, index)
             ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-            hooks.context.set(mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]))
-            model(**kwargs, **extra)
+            hooks.context.set(mask, real_rows(mask, int(ids.shape[0])), int(ids.shape[0] * ids.shape[1]))
+            run_model(model, {**kwargs, **extra}, index)
             seen_batches += 1
     if seen_batches == 0:
         raise CalibrationError("no calibration batches were given; pass at least one batch of text")

@@ -1,7 +1,7 @@
 """The one way calibration runs: one pass or block by block, in one process or data-parallel, resumable."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ def block_statistics(
     device: torch.device | str | None = None,
     cache_device: torch.device | str | None = None,
     progress: bool = True,
+    fingerprint_extra: Mapping[str, Any] | None = None,
 ) -> Iterator[BlockStatistics]:
     """Finalised statistics block by block (``streaming``) or as one part for the whole model.
 
@@ -32,7 +33,9 @@ def block_statistics(
       list on every rank) and every block's sums are all-reduced, so each rank gets the
       statistics of all the data; rank 0 writes the checkpoint, and only it shows progress.
     checkpoint_dir: record finished blocks there and resume from them (``checkpoint_store``:
-      also store their statistics; off for exports, whose own files hold them).
+      also store their statistics; off for exports, whose own files hold them). A folder
+      written by a run with other model weights, data or settings is refused
+      (``fingerprint_extra``: the caller's settings, recorded and compared too).
     """
     rank, world = rank_and_world() if distributed else (0, 1)
     reduce = None
@@ -45,4 +48,4 @@ def block_statistics(
         checkpoint = kind(checkpoint_dir, store=checkpoint_store)
     return iter_block_statistics(model, batches, target_modules, hessian, backend, streaming=streaming,
                                  device=device, cache_device=cache_device, checkpoint=checkpoint, reduce=reduce,
-                                 progress=progress and rank == 0)
+                                 progress=progress and rank == 0, fingerprint_extra=fingerprint_extra)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,11 +30,13 @@ from torch import nn
 from ..errors import CalibrationError
 from ..progress import progress_bar
 from ..settings import HESSIAN_MODES
-from .forward import forward_kwargs, model_device, prepare_batch, preserved_state
+from .fingerprint import run_fingerprint
+from .forward import forward_kwargs, model_device, prepare_batch, preserved_state, run_model
 from .hooks import StatisticsHooks
 from .one_pass import calibrate
 from .statistics import CalibrationStatistics
 from .targets import block_containers, module_dims, resolve_targets
+from .validate import check_backend, check_batches, check_device, check_model, real_rows
 
 
 class StreamingUnsupported(Exception):
@@ -150,6 +151,9 @@ def _stubbed_blocks(blocks: nn.ModuleList, last: int, records: list) -> Iterator
 
         return stub
 
+    # an instance-level forward that was there before (accelerate's dispatch hook, a user's wrapper) is put
+    # back as it was, not deleted
+    before = [(block, block.__dict__.get("forward", _NONE)) for block in blocks]
     try:
         for i, block in enumerate(blocks):
             if i > last:
@@ -157,8 +161,14 @@ def _stubbed_blocks(blocks: nn.ModuleList, last: int, records: list) -> Iterator
             block.forward = make(i, block.forward)
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, forward in before:
+            if forward is _NONE:
+                block.__dict__.pop("forward", None)
+            else:
+                block.__dict__["forward"] = forward
+
+
+_NONE = object()
 
 
 def _capture(model: nn.Module, plan: StreamPlan, batches: Iterable, last: int, device: torch.device,
@@ -175,14 +185,14 @@ def _capture(model: nn.Module, plan: StreamPlan, batches: Iterable, last: int, d
         records: list = []
         with _stubbed_blocks(plan.blocks, last, records):
             try:
-                model(**kwargs, **extra)
+                run_model(model, {**kwargs, **extra}, index)
             except _StopForward:
                 pass
         if len(records) != last + 1 or [r[0] for r in records] != list(range(last + 1)):
             raise StreamingUnsupported("the model did not call its blocks once each, in order")
         hidden = records[0][1].detach()
         hidden = hidden.to(cache_device).pin_memory() if pin else hidden.to(cache_device, copy=True)
-        cached.append(_CachedBatch(hidden, mask, int(ids.shape[0]), int(ids.shape[0] * ids.shape[1]),
+        cached.append(_CachedBatch(hidden, mask, real_rows(mask, int(ids.shape[0])), int(ids.shape[0] * ids.shape[1]),
                                    [(r[2], r[3]) for r in records], records[0][4]))
     if not cached:
         raise CalibrationError("no calibration batches were given; pass at least one batch of text")
@@ -253,6 +263,7 @@ def iter_block_statistics(
     checkpoint=None,
     reduce: Callable[[CalibrationStatistics], None] | None = None,
     progress: bool = True,
+    fingerprint_extra: Mapping[str, Any] | None = None,
 ) -> Iterator[BlockStatistics]:
     """Yield the finalised statistics of each block with targets, in order, one block alive at a time.
 
@@ -262,7 +273,10 @@ def iter_block_statistics(
       "cpu" with a CUDA device uses pinned memory).
     checkpoint: a ``checkpoint.BlockCheckpoint``; finished blocks are recorded after
       the consumer took them, and a resumed run yields them from disk (or skips them
-      when the checkpoint does not store statistics) without recomputing them.
+      when the checkpoint does not store statistics) without recomputing them. It is
+      resumed only when the run's fingerprint (``fingerprint.run_fingerprint``: model
+      weights and config, data, settings, package version; ``fingerprint_extra`` adds
+      the caller's settings) equals the one it was written with.
     reduce: applied to each block's fresh statistics before anything else sees them
       (distributed all-reduce).
     streaming=False, or a model that cannot stream: one pass over the whole model,
@@ -270,7 +284,11 @@ def iter_block_statistics(
     """
     if hessian not in HESSIAN_MODES:
         raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    device, cache_device = check_device(device), check_device(cache_device, "cache_device")
+    check_model(model)
+    check_backend(backend, {device or model_device(model)}, hessian)
     names = resolve_targets(model, target_modules)
+    batches = check_batches(model, batches)  # every batch checked before any forward pass
     plan = None
     if streaming:
         try:
@@ -282,7 +300,7 @@ def iter_block_statistics(
         return
     try:
         yield from _stream(model, batches, plan, names, hessian, backend, device, cache_device, checkpoint,
-                           reduce, progress)
+                           reduce, progress, fingerprint_extra)
     except StreamingUnsupported as exc:
         raise CalibrationError(f"streaming failed on this model ({exc}); pass streaming=False") from exc
 
@@ -297,7 +315,7 @@ def _one_pass(model, batches, names, hessian, backend, checkpoint, reduce, progr
 
 
 def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, cache_device, checkpoint,
-            reduce, progress) -> Iterator[BlockStatistics]:
+            reduce, progress, fingerprint_extra=None) -> Iterator[BlockStatistics]:
     home = model_device(model)
     device = torch.device(device) if device is not None else home
     cache_device = torch.device(cache_device) if cache_device is not None else device
@@ -309,39 +327,47 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
             cached, digest = _capture(model, plan, batches, last, device, cache_device, progress)
         done: list[int] = []
         if checkpoint is not None:
-            fingerprint = {"targets": hashlib.sha256(json.dumps(names).encode()).hexdigest(), "hessian": hessian,
-                           "n_targets": len(names), "data": digest, "n_batches": len(cached),
-                           "dims": hashlib.sha256(json.dumps(sorted(plan.dims.items())).encode()).hexdigest(),
-                           "dtype": str(next(model.parameters()).dtype), "container": plan.container}
-            done = checkpoint.open(fingerprint)
-        todo = [i for i in plan.targets if i not in done]
-        for index in plan.targets:  # finished blocks first (always a prefix: blocks finish in order)
-            if index in done:
-                stats = (checkpoint.load(index, backend=backend) if checkpoint.store
-                         else CalibrationStatistics({}, {}, {}, hessian))
-                yield BlockStatistics(index, stats, from_checkpoint=True)
-        # the rest in order; finished blocks before them only run forward, to make the next inputs
-        steps = range(0, max(todo) + 1 if todo else 0)
-        for index in progress_bar(steps, progress and len(steps) > 1, "blocks", "block"):
-            block = plan.blocks[index]
-            with _on_device([block], device if offload else None):
-                if index not in todo:
-                    for c in cached:
-                        _run_block(block, index, c, device, cache_device, None)
-                    continue
-                targets = plan.targets[index]
-                with StatisticsHooks(targets, hessian, backend, device) as hooks:
-                    for c in cached:
-                        _run_block(block, index, c, device, cache_device, hooks)
-                    hooks.context.seen.clear()
-            stats = hooks.result({n: plan.dims[n] for n in targets})
-            del hooks
-            if reduce is not None:
-                reduce(stats)
-            yield BlockStatistics(index, stats)
+            fingerprint = run_fingerprint(model, names, plan.dims, hessian, backend, device, digest, len(cached),
+                                          plan.container, fingerprint_extra)
+            done = checkpoint.open(fingerprint)  # refuses a folder written with anything else
+        try:
+            yield from _stream_blocks(plan, cached, done, hessian, backend, device, cache_device, offload,
+                                      checkpoint, reduce, progress)
+        finally:
             if checkpoint is not None:
-                checkpoint.save(index, stats)
-            del stats
+                checkpoint.close()
+
+
+def _stream_blocks(plan: StreamPlan, cached, done, hessian, backend, device, cache_device, offload, checkpoint,
+                   reduce, progress) -> Iterator[BlockStatistics]:
+    todo = [i for i in plan.targets if i not in done]
+    for index in plan.targets:  # finished blocks first (always a prefix: blocks finish in order)
+        if index in done:
+            stats = (checkpoint.load(index, backend=backend) if checkpoint.store
+                     else CalibrationStatistics({}, {}, {}, hessian))
+            yield BlockStatistics(index, stats, from_checkpoint=True)
+    # the rest in order; finished blocks before them only run forward, to make the next inputs
+    steps = range(0, max(todo) + 1 if todo else 0)
+    for index in progress_bar(steps, progress and len(steps) > 1, "blocks", "block"):
+        block = plan.blocks[index]
+        with _on_device([block], device if offload else None):
+            if index not in todo:
+                for c in cached:
+                    _run_block(block, index, c, device, cache_device, None)
+                continue
+            targets = plan.targets[index]
+            with StatisticsHooks(targets, hessian, backend, device) as hooks:
+                for c in cached:
+                    _run_block(block, index, c, device, cache_device, hooks)
+                hooks.context.seen.clear()
+        stats = hooks.result({n: plan.dims[n] for n in targets})
+        del hooks
+        if reduce is not None:
+            reduce(stats)
+        yield BlockStatistics(index, stats)
+        if checkpoint is not None:
+            checkpoint.save(index, stats)
+        del stats
 
 
 def _take(block: BlockStatistics) -> CalibrationStatistics:

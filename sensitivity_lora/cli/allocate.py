@@ -35,64 +35,97 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
+OUTPUTS = ("allocation.json", "adapter_config.json", WEIGHTS_FILE, "ranks.png")  # one set: all or none
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
+    """Calibrate, allocate, build and check every output, then write them all at once.
+
+    Order: options checked → the output folder locked (OutputInUseError for a second run) →
+    model, data, calibration → allocation.json, adapter_config.json, initial weights and
+    ranks.png built in a staging folder → the PEFT model built from the staged config and
+    verified → the set replaces the old one in one commit. A failure (or a kill) before the
+    commit leaves the old set untouched.
+    """
     from ..api import compute_allocation
     from ..errors import MissingPackageError
-    from ..peft import apply_initial_weights, lora_config, verify_ranks
+    from ..files import FileSet, output_lock
+    from ..peft import check_lora_alpha, lora_config, lora_config_json
     from ..report import plot_ranks, rank_table
+    from ..settings import check_avg_rank
 
     settings = options.allocation_settings(args)  # bad settings fail before the model is loaded
-    out = Path(args.out)
+    check_avg_rank(args.avg_rank)
+    check_lora_alpha(args.lora_alpha)
     t0 = time.perf_counter()
-    model, _, texts, batches = options.load_model_and_batches(args)
-    t1 = time.perf_counter()
-    allocation = compute_allocation(model, batches, args.avg_rank, settings, target_modules=options.targets(args),
-                                    backend=options.backend(args), progress=not args.quiet,
-                                    streaming=args.streaming, checkpoint_dir=args.checkpoint_dir)
-    t2 = time.perf_counter()
-    allocation.settings.update(options.data_record(args, texts))
-    out.mkdir(parents=True, exist_ok=True)
-    allocation.save(out / "allocation.json")
-    if allocation.initial_weights is not None:
-        allocation.save_initial_weights(out / WEIGHTS_FILE)
-    task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
-    config = lora_config(allocation, args.lora_alpha, task_type=task_type)
-    if args.model is None:
-        from ..models import default_model_dir
+    with output_lock(args.out) as out, FileSet(out, replaces=OUTPUTS) as files:
+        model, _, texts, batches = options.load_model_and_batches(args)
+        t1 = time.perf_counter()
+        allocation = compute_allocation(model, batches, args.avg_rank, settings,
+                                        target_modules=options.targets(args), backend=options.backend(args),
+                                        progress=not args.quiet, streaming=args.streaming,
+                                        checkpoint_dir=args.checkpoint_dir)
+        t2 = time.perf_counter()
+        allocation.settings.update(options.data_record(args, texts))
+        task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
+        config = lora_config(allocation, args.lora_alpha, task_type=task_type)
+        if args.model is None:
+            from ..models import default_model_dir
 
-        config.base_model_name_or_path = str(default_model_dir())
-    else:
-        config.base_model_name_or_path = str(args.model)
-    config.save_pretrained(str(out))
-    plotted = False
-    if not args.no_plot:
-        try:
-            plot_ranks(allocation, out / "ranks.png")
-            plotted = True
-        except MissingPackageError as exc:
-            print(f"skipped ranks.png: {exc}")
+            config.base_model_name_or_path = str(default_model_dir())
+        else:
+            config.base_model_name_or_path = str(args.model)
+        allocation.save(files.path("allocation.json"))
+        if allocation.initial_weights is not None:
+            allocation.save_initial_weights(files.path(WEIGHTS_FILE))
+        files.write_text("adapter_config.json", lora_config_json(config))
+        plotted = False
+        if not args.no_plot:
+            try:
+                plot_ranks(allocation, files.path("ranks.png"))
+                plotted = True
+            except MissingPackageError as exc:
+                files.names.remove("ranks.png")
+                print(f"skipped ranks.png: {exc}")
+        if not args.no_verify:
+            _verify(model, allocation, files.staging)
+        files.commit()  # everything is built and checked: the new set replaces the old one
     print(rank_table(allocation))
     if not args.no_verify:
-        from peft import LoraConfig, get_peft_model
-
-        saved = LoraConfig.from_pretrained(str(out))
-        peft_model = get_peft_model(model, saved)
-        verify_ranks(peft_model, allocation)
-        if allocation.initial_weights is not None:
-            from ..scoring.result import load_initial_weights
-
-            allocation.initial_weights = load_initial_weights(out / WEIGHTS_FILE, allocation)
-            apply_initial_weights(peft_model, allocation)
         print("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks"
               + (" and takes the initial weights" if allocation.initial_weights is not None else ""))
-    files = ["allocation.json", "adapter_config.json"] + ([WEIGHTS_FILE] if allocation.initial_weights is not None
-                                                          else []) + (["ranks.png"] if plotted else [])
+    written = [n for n in OUTPUTS if n in files.names]
     if settings.init != "none":
         print(f"initialisation: {settings.init} (A from the calibration's input statistics, B = 0; "
               f"{allocation.settings.get('decompositions')} decompositions)")
     print(f"calibration + scoring {t2 - t1:.1f} s on {len(texts)} samples (total {time.perf_counter() - t0:.1f} s); "
-          f"wrote {', '.join(str(out / f) for f in files)}")
+          f"wrote {', '.join(str(out / f) for f in written)}")
     return 0
+
+
+def _verify(model, allocation, folder: Path) -> None:
+    """The staged files read back as a user would: allocation.json equals the allocation, the PEFT model
+    built from adapter_config.json has its ranks and takes the initial weights. The model is restored after."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    from ..calibration.model_state import ModelState
+    from ..peft import apply_initial_weights, verify_ranks
+    from ..scoring import Allocation
+    from ..scoring.result import load_initial_weights
+
+    if Allocation.load(folder / "allocation.json").to_dict() != allocation.to_dict():
+        raise RuntimeError("allocation.json does not read back as the allocation it was written from")
+    state = ModelState.capture(model)
+    try:
+        peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(folder)))
+        verify_ranks(peft_model, allocation)
+        if allocation.initial_weights is not None:
+            loaded = load_initial_weights(folder / WEIGHTS_FILE, allocation)
+            apply_initial_weights(peft_model, dataclasses.replace(allocation, initial_weights=loaded))
+    finally:
+        state.restore()
 
 
 def _is_causal_lm(model) -> bool:
@@ -102,11 +135,18 @@ def _is_causal_lm(model) -> bool:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import math
+
     from ..scoring import Allocation, kendall_tau
 
     a, b = Allocation.load(args.a), Allocation.load(args.b)
+    tau = kendall_tau(a, b)  # refuses fewer than 2 common modules
+    if math.isnan(tau):
+        constant = args.a if len({m.theta for m in a.modules.values()}) == 1 else args.b
+        raise ValueError(f"Kendall's τ is undefined: θ is the same for every module of {constant}, so it orders "
+                         "nothing")
     common = [n for n in a.modules if n in b.modules]
     same = sum(a.modules[n].rank == b.modules[n].rank for n in common)
     print(f"{len(common)} common modules; {same} with the same rank")
-    print(f"kendall_tau={kendall_tau(a, b):.4f}")
+    print(f"kendall_tau={tau:.4f}")
     return 0

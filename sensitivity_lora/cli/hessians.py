@@ -30,14 +30,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="where blocks run (e.g. cuda); weights stay where loaded and visit it in turn")
     p.add_argument("--cache-device", help="where hidden states wait between blocks (e.g. cpu)")
     p.add_argument("--no-streaming", action="store_true", help="one pass with hooks on the whole model")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted export in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted export in --out (refused unless model, data and settings "
+                            "are the same)")
+    again.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     p.set_defaults(func=cmd_hessians)
 
 
 def cmd_hessians(args: argparse.Namespace) -> int:
     from ..calibration.distributed import compute_device, init_from_env, rank_and_world
+    from ..calibration.validate import check_device
+    from ..files import ensure_output_folder
     from ..hessians import export_hessians
+    from ..hessians.format import check_export_folder
 
+    check_device(args.device), check_device(args.cache_device, "--cache-device")
+    check_export_folder(args.out, args.resume, args.overwrite)  # before the model is loaded
+    ensure_output_folder(args.out, "export folder")
     distributed = init_from_env()
     rank, world = rank_and_world()
     device = args.device or (str(compute_device()) if distributed else None)
@@ -46,6 +56,7 @@ def cmd_hessians(args: argparse.Namespace) -> int:
     settings = {**options.data_record(args, texts), "hessian": args.hessian}
     export_hessians(model, batches, args.out, options.targets(args), args.hessian, options.backend(args),
                     streaming=not args.no_streaming, distributed=distributed, resume=args.resume,
+                    overwrite=args.overwrite,
                     progress=not args.quiet and rank == 0, settings=settings, device=device,
                     cache_device=args.cache_device)
     if rank == 0:

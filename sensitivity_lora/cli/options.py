@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..settings import BUDGET_MODES, FUSIONS, HESSIAN_MODES, INITS, METHODS, SCOPES, AllocationSettings
@@ -10,15 +11,53 @@ BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def positive_or_inf(text: str) -> float:
-    value = float(text)  # accepts "inf"
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    value = _float(text)  # accepts "inf"
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive (or inf), got {text}")
     return value
 
 
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = _float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def topk_value(text: str) -> float | int:
-    return int(text) if text.isdigit() else float(text)
+    return int(text) if text.isdigit() else finite_float(text)
 
 
 def add_model_and_data(p: argparse.ArgumentParser, max_samples: int = 64, seq_len: int = 256) -> None:
@@ -27,10 +66,10 @@ def add_model_and_data(p: argparse.ArgumentParser, max_samples: int = 64, seq_le
     p.add_argument("--data", help="text file (a sample per line), .jsonl with a 'text' field, a folder of .txt "
                                   "files, or a datasets save_to_disk folder (default: BBC News articles)")
     p.add_argument("--text-field", default="text", help="field of the jsonl/dataset rows holding the text")
-    p.add_argument("--max-samples", type=int, default=max_samples, help="calibration samples (texts)")
-    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sample (longer ones are cut)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that picks the calibration samples")
+    p.add_argument("--max-samples", type=positive_int, default=max_samples, help="calibration samples (texts)")
+    p.add_argument("--seq-len", type=positive_int, default=seq_len, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per calibration batch")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the shuffle that picks the calibration samples")
     targets = p.add_mutually_exclusive_group()
     targets.add_argument("--target-modules", nargs="+", help="module names as PEFT matches them (e.g. q_proj v_proj); "
                                                         "default: every linear layer in the transformer blocks")
@@ -48,19 +87,19 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -
                    help="diag: per-feature Σx² (all the default metrics need); full: Σxxᵀ too")
     p.add_argument("--scope", choices=SCOPES, default=d.scope, help="what the metrics read (docs/method.md §3)")
     p.add_argument("--topk", type=topk_value, default=d.topk, help="top-k: a fraction of m in (0, 1] or an integer k")
-    p.add_argument("--energy", type=float, default=d.energy, help="effective-rank energy threshold in (0, 1]")
+    p.add_argument("--energy", type=finite_float, default=d.energy, help="effective-rank energy threshold in (0, 1]")
     p.add_argument("--fusion", choices=FUSIONS, default=d.fusion, help="metric fusion (sigma_mu2 or an ablation)")
-    p.add_argument("--r-min", type=int, default=d.r_min, help="smallest rank")
+    p.add_argument("--r-min", type=whole_number, default=d.r_min, help="smallest rank")
     p.add_argument("--rho", type=positive_or_inf, default=d.rho,
                    help="rank cap ρ: r_max = min(d_in, d_out, ρ·r̄); 'inf' = none")
-    p.add_argument("--r-max", type=int, default=d.r_max, help="absolute rank cap (overrides --rho)")
+    p.add_argument("--r-max", type=whole_number, default=d.r_max, help="absolute rank cap (overrides --rho)")
     p.add_argument("--budget-mode", choices=BUDGET_MODES, default=d.budget_mode,
                    help="rank: Σ r = r̄·M; params: the LoRA parameter count of uniform LoRA")
-    p.add_argument("--tiers", type=int, default=d.tiers, help="PRA tiers")
+    p.add_argument("--tiers", type=whole_number, default=d.tiers, help="PRA tiers")
     p.add_argument("--init", choices=INITS, default=d.init,
                    help="adapter initialisation from the statistics (docs/method.md §7); any but 'none' "
                         "implies --hessian full and writes initial_weights.safetensors")
-    p.add_argument("--init-rho", type=float, default=d.init_rho,
+    p.add_argument("--init-rho", type=finite_float, default=d.init_rho,
                    help="rank cap ρ of the eva / output-aware rank rules: round(ρ·r̄)")
 
 
@@ -86,7 +125,15 @@ def load_model_and_batches(args: argparse.Namespace):
     from ..data import calibration_batches, load_texts
     from ..models import load_model_and_tokenizer
 
+    from ..calibration.validate import check_model, max_positions
+    from ..errors import DataError
+
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    check_model(model)
+    positions = max_positions(model)
+    if positions is not None and args.seq_len > positions:
+        raise DataError(f"--seq-len {args.seq_len} is longer than the model takes ({positions} positions in its "
+                        f"config): use --seq-len {positions} or less")
     texts = load_texts(args.data, max_samples=args.max_samples, shuffle_seed=args.seed, text_field=args.text_field)
     batches = calibration_batches(texts, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size)
     return model, tokenizer, texts, batches

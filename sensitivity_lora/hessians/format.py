@@ -17,20 +17,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..calibration.serialize import group_from, group_header, group_tensors
+from ..calibration.serialize import check_group, group_from, group_header, group_tensors, read_safetensors
 from ..calibration.statistics import GroupStatistics, normalisation_factor
-from ..files import atomic_save_safetensors, atomic_write_json
+from ..errors import CheckpointMismatchError, FileFormatError, MissingInputError, OutputExistsError
+from ..files import atomic_save_safetensors, atomic_write_json, ensure_output_folder
 
 FORMAT = "sensitivity-lora-hessian"
 FORMAT_VERSION = "2"  # 2: adds ``sum`` (Σx)
 PROJECT_CONVENTION = "2/tokens"
 INDEX_FILE = "index.json"
+CHECKPOINT_DIR = "checkpoint"  # the export's resume record (which blocks are written, and the run's fingerprint)
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
 
 
 # ---------------------------------------------------------------- writing
@@ -63,16 +67,29 @@ def save_group(path: str | os.PathLike, group: GroupStatistics, dims: Mapping[st
 
 
 class HessianWriter:
-    """Writes groups into ``out_dir`` one at a time and keeps ``index.json`` (module → file) current."""
+    """Writes groups into ``out_dir`` one at a time and keeps ``index.json`` (module → file) current.
 
-    def __init__(self, out_dir: str | os.PathLike, settings: Mapping | None = None) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        index_path = self.out_dir / INDEX_FILE
-        self.index = json.loads(index_path.read_text()) if index_path.exists() else {}
-        self.index.update(format=FORMAT, format_version=FORMAT_VERSION, normalisation=PROJECT_CONVENTION)
-        self.index.setdefault("groups", {})
-        self.index.setdefault("modules", {})
+    The index says ``"complete": false`` until :meth:`finish`; readers refuse an incomplete export.
+    A folder that already holds an export is never merged into silently: ``resume`` continues it
+    (its entries are kept; the checkpoint's fingerprint check refuses a different run before
+    anything is written), ``overwrite`` removes it first, and neither raises OutputExistsError.
+    Nothing is written before the first :meth:`write` (or :meth:`finish`).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, settings: Mapping | None = None, *, resume: bool = False,
+                 overwrite: bool = False) -> None:
+        self.out_dir = ensure_output_folder(out_dir)
+        checkpoint = self.out_dir / CHECKPOINT_DIR
+        old: dict[str, Any] = {}
+        if check_export_folder(self.out_dir, resume, overwrite):
+            if resume:
+                old = read_index(self.out_dir)
+            else:
+                remove_export(self.out_dir)
+        elif not resume and checkpoint.exists():
+            shutil.rmtree(checkpoint)  # a resume record with no export beside it: nothing to keep
+        self.index = {"format": FORMAT, "format_version": FORMAT_VERSION, "normalisation": PROJECT_CONVENTION,
+                      "complete": False, "groups": dict(old.get("groups", {})), "modules": dict(old.get("modules", {}))}
         if settings:
             self.index["settings"] = dict(settings)
 
@@ -84,6 +101,48 @@ class HessianWriter:
             for member in group.members:
                 self.index["modules"][member] = group.name
         atomic_write_json(self.out_dir / INDEX_FILE, self.index)
+
+    def finish(self) -> None:
+        """Mark the export complete (the last write of a run)."""
+        self.index["complete"] = True
+        atomic_write_json(self.out_dir / INDEX_FILE, self.index)
+
+
+def check_export_folder(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> bool:
+    """Whether ``out_dir`` holds an export already; raises when this run may not write there (it holds one
+    and neither ``resume`` nor ``overwrite`` is given, or ``resume`` has no checkpoint to check against).
+    Changes nothing."""
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the export in the folder, "
+                         "overwrite replaces it")
+    if not (out_dir / INDEX_FILE).exists():
+        return False
+    if resume and not (out_dir / CHECKPOINT_DIR / "manifest.json").is_file():
+        raise CheckpointMismatchError(
+            f"{out_dir} holds Hessians but no checkpoint ({CHECKPOINT_DIR}/manifest.json), so nothing says which "
+            "model, data and settings they came from: they cannot be resumed. Pass overwrite (--overwrite) to "
+            "replace them, or choose another folder")
+    if not resume and not overwrite:
+        raise OutputExistsError(
+            f"{out_dir} already holds a Hessian export; a new run would mix its files with the old ones. Pass "
+            "resume (--resume) to continue that run, overwrite (--overwrite) to replace it, or choose another folder")
+    return True
+
+
+def remove_export(out_dir: str | os.PathLike) -> None:
+    """Delete an export's files (those its index lists, the index, the checkpoint); other files stay."""
+    out_dir = Path(out_dir)
+    try:
+        index = json.loads((out_dir / INDEX_FILE).read_text(encoding="utf-8"))
+        names = list(index.get("groups", {}).values()) if isinstance(index, dict) else []
+    except (OSError, ValueError, AttributeError):
+        names = []
+    for name in names:
+        if isinstance(name, str) and _FILE_NAME.fullmatch(name):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -128,44 +187,104 @@ class HessianFile:
         return group_from(header, tensors, device=device)
 
 
+def _int(meta: Mapping[str, str], key: str, path: Path) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise FileFormatError(f"{path}: metadata {key}={meta.get(key)!r} is not an integer; export it again") from None
+
+
+def _json(meta: Mapping[str, str], key: str, path: Path, default: str | None = None) -> Any:
+    try:
+        return json.loads(meta[key] if default is None else meta.get(key, default))
+    except (KeyError, ValueError):
+        raise FileFormatError(f"{path}: metadata {key!r} is missing or not JSON; export it again") from None
+
+
 def load_hessian(path: str | os.PathLike, convention: str = PROJECT_CONVENTION,
                  device: torch.device | str = "cpu") -> HessianFile:
-    """Read one file written by :func:`save_group`."""
-    from safetensors import safe_open
-
+    """Read one file written by :func:`save_group`; every field is checked (FileFormatError naming the file)."""
     normalisation_factor(convention, 1, 1)  # fail early on an unknown convention
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no Hessian file at {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a sensitivity-lora Hessian file (format={meta.get('format')!r})")
-        if meta.get("stored") != "raw_sum":
-            raise ValueError(f"{path} stores {meta.get('stored')!r}; this reader understands only 'raw_sum'")
-        keys = set(f.keys())
-        sumsq = f.get_tensor("sumsq")
-        if "sum" not in keys:
-            raise ValueError(f"{path} has no 'sum' tensor (format version {meta.get('format_version')}); "
-                             "export it again with this version of sensitivity-lora")
-        total = f.get_tensor("sum")
-        xtx = f.get_tensor("xtx") if "xtx" in keys else None
-    dims = {k: (int(v[0]), int(v[1])) for k, v in json.loads(meta.get("member_dims", "{}")).items()}
-    return HessianFile(meta["group"], json.loads(meta["members"]), dims, int(meta["n_tokens"]),
-                       int(meta["n_sequences"]), convention, sumsq, xtx, total)
+        raise MissingInputError(f"no Hessian file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    meta, tensors = read_safetensors(path, "Hessian file")
+    if meta.get("format") != FORMAT:
+        raise FileFormatError(f"{path} is not a sensitivity-lora Hessian file (format={meta.get('format')!r})")
+    if meta.get("stored") != "raw_sum":
+        raise FileFormatError(f"{path} stores {meta.get('stored')!r}; this reader understands only 'raw_sum'")
+    if "sum" not in tensors:
+        raise FileFormatError(f"{path} has no 'sum' tensor (format version {meta.get('format_version')}); "
+                              "export it again with this version of sensitivity-lora")
+    members = _json(meta, "members", path)
+    member_dims = _json(meta, "member_dims", path, "{}")
+    header = {"group": meta.get("group"), "members": members, "member_dims": member_dims,
+              "d_in": _int(meta, "d_in", path), "mode": meta.get("mode"),
+              "n_tokens": _int(meta, "n_tokens", path), "n_sequences": _int(meta, "n_sequences", path)}
+    check_group(header, tensors, "", path, "export it again")
+    if not isinstance(member_dims, dict):
+        raise FileFormatError(f"{path}: metadata 'member_dims' is not a mapping; export it again")
+    dims = {k: (int(v[0]), int(v[1])) for k, v in member_dims.items()}
+    xtx = tensors.get("xtx")
+    return HessianFile(header["group"], list(members), dims, header["n_tokens"], header["n_sequences"], convention,
+                       tensors["sumsq"].to(device), xtx.to(device) if xtx is not None else None,
+                       tensors["sum"].to(device))
+
+
+def _member_name(out_dir: Path, name: Any, index_path: Path) -> Path:
+    """``out_dir / name`` for a plain file name from the index; names that leave the folder are refused."""
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+        raise FileFormatError(f"{index_path} names the file {name!r}: an export's files are plain "
+                              "'<group>.safetensors' names inside its folder (no paths, no '..')")
+    path = out_dir / name
+    if path.resolve().parent != out_dir.resolve():
+        raise FileFormatError(f"{index_path}: {name!r} leads outside {out_dir} (a link); refusing to follow it")
+    return path
+
+
+def read_index(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """An export's ``index.json``, checked: its format, groups → plain file names inside the folder,
+    modules → groups it lists."""
+    out_dir = Path(out_dir)
+    index_path = out_dir / INDEX_FILE
+    if not index_path.is_file():
+        raise MissingInputError(f"{out_dir} has no {INDEX_FILE}; is it a folder written by export_hessians?")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FileFormatError(f"{index_path} is not readable JSON ({exc}); export the Hessians again") from None
+    if not isinstance(index, dict) or index.get("format", FORMAT) != FORMAT:
+        raise FileFormatError(f"{index_path} is not the index of a sensitivity-lora Hessian export")
+    groups, modules = index.get("groups"), index.get("modules")
+    if not isinstance(groups, dict) or not isinstance(modules, dict):
+        raise FileFormatError(f"{index_path} needs 'groups' (group → file) and 'modules' (module → group) mappings")
+    for group, name in groups.items():
+        _member_name(out_dir, name, index_path)
+    for module, group in modules.items():
+        if group not in groups:
+            raise FileFormatError(f"{index_path}: module {module} belongs to group {group!r}, which it does not list")
+    return index
 
 
 def load_hessians(out_dir: str | os.PathLike, convention: str = PROJECT_CONVENTION,
                   device: torch.device | str = "cpu", by: str = "module") -> dict[str, HessianFile]:
-    """All Hessians of an export folder, keyed by module name (``by="module"``) or group (``by="group"``)."""
+    """All Hessians of an export folder, keyed by module name (``by="module"``) or group (``by="group"``).
+
+    The index and every file are checked (names inside the folder only, shapes, dtypes, finite values);
+    an export that is still running or was interrupted (``"complete": false``) is refused."""
     if by not in ("module", "group"):
         raise ValueError(f"by must be 'module' or 'group', got {by!r}")
     out_dir = Path(out_dir)
-    index_path = out_dir / INDEX_FILE
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{out_dir} has no {INDEX_FILE}; is it a folder written by export_hessians?")
-    index = json.loads(index_path.read_text())
-    files = {g: load_hessian(out_dir / name, convention, device) for g, name in index["groups"].items()}
+    index = read_index(out_dir)
+    if index.get("complete") is False:
+        raise FileFormatError(f"the export in {out_dir} is incomplete (still running, or interrupted): resume it "
+                              "(export_hessians(..., resume=True) or `sensitivity-lora hessians --resume`)")
+    files = {}
+    for group, name in index["groups"].items():
+        path = _member_name(out_dir, name, out_dir / INDEX_FILE)
+        files[group] = load_hessian(path, convention, device)
+        if files[group].group != group:
+            raise FileFormatError(f"{path} holds group {files[group].group!r}, but {INDEX_FILE} lists it as {group!r}")
     if by == "group":
         return files
     return {module: files[group] for module, group in index["modules"].items()}

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import BackendUnavailableError
 from . import reference
 from .registry import BACKENDS, OP_NAMES, TABLE as _TABLE, register
 
@@ -86,7 +87,7 @@ def resolve_backend(op: str, device: torch.device | str = "cpu", backend: str | 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (from argument or ${ENV_VAR}); choose from auto, {', '.join(BACKENDS)}")
     if not available(op, backend):
-        raise RuntimeError(f"backend {backend!r} was requested for {op!r} but is unavailable: {unavailable_reason(op, backend)}")
+        raise BackendUnavailableError(f"backend {backend!r} was requested for {op!r} but is unavailable: {unavailable_reason(op, backend)}")
     return backend
 
 

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..errors import FileFormatError, MissingInputError
 from ..files import atomic_write_text, json_safe
+from ..settings import BUDGET_MODES, METHODS
 from .metrics import ModuleMetrics
 
 if TYPE_CHECKING:
@@ -80,15 +82,16 @@ class Allocation:
                 "modules": {name: asdict(m) for name, m in self.modules.items()}}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Allocation":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the allocation") -> "Allocation":
+        """The allocation in ``data`` (the JSON form), every field checked: FileFormatError naming
+        ``source`` and the module when a rank is not a non-negative integer within the matrix size,
+        a metric or θ is not a finite number, a shape is not positive, ..."""
+        check_allocation_dict(data, source)
         known = {f.name for f in fields(ModuleAllocation)}
-        try:
-            modules = {name: ModuleAllocation(**{k: v for k, v in m.items() if k in known})
-                       for name, m in data["modules"].items()}
-            return cls(method=data["method"], avg_rank=data["avg_rank"], budget=data["budget"],
-                       budget_mode=data["budget_mode"], settings=dict(data.get("settings", {})), modules=modules)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"not an allocation (as written by Allocation.save): {exc}") from exc
+        modules = {name: ModuleAllocation(**{k: v for k, v in m.items() if k in known})
+                   for name, m in data["modules"].items()}
+        return cls(method=data["method"], avg_rank=float(data["avg_rank"]), budget=data["budget"],
+                   budget_mode=data["budget_mode"], settings=dict(data.get("settings", {})), modules=modules)
 
     def save(self, path: str | Path) -> None:
         """Write the JSON form atomically (a crash leaves the old file or the new one, never half of one)."""
@@ -96,8 +99,20 @@ class Allocation:
 
     @classmethod
     def load(cls, path: str | Path, initial_weights: str | Path | None = None) -> "Allocation":
-        """Read ``path`` (JSON) and, when given, the initial weights written by :meth:`save_initial_weights`."""
-        allocation = cls.from_dict(json.loads(Path(path).read_text()))
+        """Read ``path`` (JSON) and, when given, the initial weights written by :meth:`save_initial_weights`.
+
+        Everything is checked (see :meth:`from_dict`); a missing, unreadable, truncated or invalid file
+        raises FileFormatError (MissingInputError when it is not there) naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingInputError(f"no allocation file at {path}" + (" (it is a folder: pass the "
+                                    "allocation.json inside it)" if path.is_dir() else ""))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FileFormatError(f"{path} is not a readable allocation ({exc}); it may be truncated: "
+                                  "write it again with Allocation.save or `sensitivity-lora allocate`") from None
+        allocation = cls.from_dict(data, str(path))
         if initial_weights is not None:
             allocation.initial_weights = load_initial_weights(initial_weights, allocation)
         return allocation
@@ -120,27 +135,85 @@ class Allocation:
         return {prefix + name: a.clone() for name, a in self.initial_weights.items()}
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_allocation_dict(data: Any, source: str = "the allocation") -> None:
+    """Raise FileFormatError naming ``source`` unless ``data`` is a sound allocation (see ``Allocation.from_dict``)."""
+    def bad(why: str) -> FileFormatError:
+        return FileFormatError(f"{source}: {why}; it is not an allocation as Allocation.save writes it")
+
+    if not isinstance(data, Mapping):
+        raise bad(f"the top level is {type(data).__name__}, not a JSON object")
+    missing = [k for k in ("method", "avg_rank", "budget", "budget_mode", "modules") if k not in data]
+    if missing:
+        raise bad(f"it has no {', '.join(missing)}")
+    if data["method"] not in METHODS:
+        raise bad(f"method={data['method']!r} is not one of {', '.join(METHODS)}")
+    if data["budget_mode"] not in BUDGET_MODES:
+        raise bad(f"budget_mode={data['budget_mode']!r} is not one of {', '.join(BUDGET_MODES)}")
+    if not _is_number(data["avg_rank"]) or data["avg_rank"] <= 0:
+        raise bad(f"avg_rank={data['avg_rank']!r} is not a positive finite number")
+    if not _is_int(data["budget"]) or data["budget"] < 0:
+        raise bad(f"budget={data['budget']!r} is not a non-negative integer")
+    if not isinstance(data.get("settings", {}), Mapping):
+        raise bad("settings is not a JSON object")
+    modules = data["modules"]
+    if not isinstance(modules, Mapping) or not modules:
+        raise bad("modules is not a non-empty JSON object (module name → its rank and metrics)")
+    for name, m in modules.items():
+        if not isinstance(m, Mapping):
+            raise bad(f"module {name} is {type(m).__name__}, not a JSON object")
+        absent = [k for k in ("rank", "theta", "trace", "topk", "eff_rank", "d_in", "d_out", "group") if k not in m]
+        if absent:
+            raise bad(f"module {name} has no {', '.join(absent)}")
+        for key in ("d_in", "d_out"):
+            if not _is_int(m[key]) or m[key] < 1:
+                raise bad(f"module {name}: {key}={m[key]!r} is not a positive integer")
+        rank = m["rank"]
+        if not _is_int(rank) or rank < 0:
+            raise bad(f"module {name}: rank={rank!r} is not a non-negative integer")
+        if rank > max(m["d_in"], m["d_out"]):
+            raise bad(f"module {name}: rank {rank} exceeds the size of its {m['d_out']} × {m['d_in']} matrix")
+        for key in ("theta", "trace", "topk", "eff_rank"):
+            if not _is_number(m[key]):
+                raise bad(f"module {name}: {key}={m[key]!r} is not a finite number")
+        if not isinstance(m["group"], str):
+            raise bad(f"module {name}: group={m['group']!r} is not a module name")
+        if m.get("at_bound") not in (None, "min", "max"):
+            raise bad(f"module {name}: at_bound={m.get('at_bound')!r} is not null, 'min' or 'max'")
+
+
 def load_initial_weights(path: str | Path, allocation: Allocation) -> dict[str, "torch.Tensor"]:
     """The A matrices of ``path``, checked against ``allocation``'s ranks and shapes."""
     import torch
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != WEIGHTS_FORMAT:
-            raise ValueError(f"{path} is not a sensitivity-lora initial-weights file (format={meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from ..calibration.serialize import read_safetensors
+
+    meta, tensors = read_safetensors(path, "initial-weights file")
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise FileFormatError(f"{path} is not a sensitivity-lora initial-weights file (format={meta.get('format')!r})")
     weights = {}
     for name, m in allocation.modules.items():
         a = tensors.pop(name, None)
         if a is None:
             a = torch.zeros(0, m.d_in)
         if tuple(a.shape) != (m.rank, m.d_in) or not a.is_floating_point() or not bool(torch.isfinite(a).all()):
-            raise ValueError(f"{path}: the weight of {name} has shape {tuple(a.shape)}, expected ({m.rank}, {m.d_in}) "
-                             "finite floats; was it written for this allocation?")
+            raise FileFormatError(f"{path}: the weight of {name} has shape {tuple(a.shape)}, expected "
+                                  f"({m.rank}, {m.d_in}) finite floats; was it written for this allocation?")
         weights[name] = a
     if tensors:
-        raise ValueError(f"{path} holds weights of modules the allocation does not have (e.g. {next(iter(tensors))})")
+        raise FileFormatError(f"{path} holds weights of modules the allocation does not have "
+                              f"(e.g. {next(iter(tensors))})")
     return weights
 
 
