@@ -4,7 +4,8 @@
 
 Environment switches (read at build time):
 
-- ``SENSITIVITY_LORA_SKIP_EXT=1``     build no extension at all (pure-Python package, reference ops)
+- ``SENSITIVITY_LORA_SKIP_EXT=1``     build no extension at all (pure-Python package, reference ops); without
+  it a build that cannot compile the extension (no torch at build time) fails, never silently
 - ``SENSITIVITY_LORA_SKIP_CUDA=1``    never build the CUDA sources
 - ``SENSITIVITY_LORA_FORCE_CUDA=1``   build the CUDA sources, and fail loudly if that is impossible
 - ``SENSITIVITY_LORA_NATIVE_ARCH=1``  add ``-march=native`` (not portable; the hot loops are already
@@ -13,13 +14,13 @@ Environment switches (read at build time):
   used when installed)
 
 ``--no-build-isolation`` matters: the extension must be compiled against the torch it will run with.
-Without torch at build time the package is installed without the extension, with a warning.
+The torch version it was built against is recorded in ``sensitivity_lora/_build_info.py`` and checked
+when the extension is loaded.
 """
 from __future__ import annotations
 
 import glob
 import os
-import warnings
 
 from setuptools import setup
 
@@ -51,20 +52,29 @@ def _want_cuda(torch_version_cuda: str | None, cuda_home: str | None, cuda_sourc
     return not missing
 
 
+def _write_build_info(torch) -> None:
+    """Record the torch the extension is compiled against (checked when ``_C`` is loaded)."""
+    path = os.path.join(ROOT, "sensitivity_lora", "_build_info.py")
+    text = ('"""Written by setup.py: the torch the compiled extension was built against."""\n'
+            f"TORCH_VERSION = {torch.__version__!r}\nTORCH_CUDA = {torch.version.cuda!r}\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _extensions() -> tuple[list, dict]:
     if _flag("SENSITIVITY_LORA_SKIP_EXT"):
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        warnings.warn(
-            "torch is not importable at build time, so sensitivity_lora._C is not built and the package "
-            "will use the pure-PyTorch reference ops. Install torch first, then "
-            "`pip install --no-build-isolation .`",
-            stacklevel=1,
-        )
-        return [], {}
+    except ImportError as exc:
+        raise RuntimeError(
+            "sensitivity-lora compiles its C++ extension against the torch it will run with, and torch is not "
+            "importable in this build environment (pip's build isolation hides it). Install torch first, then "
+            "`pip install --no-build-isolation .`; or set SENSITIVITY_LORA_SKIP_EXT=1 for a pure-Python install "
+            "(reference ops only)."
+        ) from exc
+    _write_build_info(torch)
 
     cxx = ["-O3", "-fopenmp"]
     if _flag("SENSITIVITY_LORA_NATIVE_ARCH"):

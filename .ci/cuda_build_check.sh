@@ -42,7 +42,12 @@ WHEEL_INC="$SITE/nvidia/cu13/include"
 echo "cuda_build_check: torch $("$PY" -c 'import torch; print(torch.__version__)'), CUDA_HOME=$CUDA_ROOT"
 
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/sl-cuda-build.XXXXXX")
-trap 'rm -rf "$BUILD"' EXIT
+# setup.py records the torch it builds against in sensitivity_lora/_build_info.py; this build is
+# against another torch than the checkout's own extension, so keep and restore the checkout's record.
+INFO=sensitivity_lora/_build_info.py
+[ -f "$INFO" ] && cp "$INFO" "$BUILD/build_info.keep"
+restore() { if [ -f "$BUILD/build_info.keep" ]; then cp "$BUILD/build_info.keep" "$INFO"; else rm -f "$INFO"; fi; rm -rf "$BUILD"; }
+trap restore EXIT
 SENSITIVITY_LORA_FORCE_CUDA=1 CUDA_HOME="$CUDA_ROOT" PATH="$CUDA_ROOT/bin:$PATH" \
   CPATH="$WHEEL_INC${CPATH:+:$CPATH}" TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-2} \
   "$PY" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp" >"$BUILD/build.log" 2>&1 ||

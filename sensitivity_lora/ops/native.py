@@ -19,7 +19,20 @@ import os
 
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers the operators)
+def _check_build() -> None:
+    """Refuse an extension compiled against another torch (its ABI would not match)."""
+    try:
+        from .._build_info import TORCH_VERSION
+    except ImportError:  # a build from before the record existed: nothing to compare
+        return
+    if TORCH_VERSION.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(f"sensitivity_lora._C was built against torch {TORCH_VERSION} but torch {torch.__version__} "
+                          "is installed; rebuild it with `pip install --no-build-isolation .`")
+
+
+_check_build()
+
+from .. import _C  # noqa: E402,F401  (loading the library registers the operators)
 from ..errors import NotPositiveDefiniteError
 from . import registry
 
