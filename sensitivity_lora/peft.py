@@ -40,10 +40,61 @@ def check_lora_kwargs(lora_kwargs: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(key, fields, n=3)
             hint = f"did you mean {' or '.join(close)}?" if close else "see peft.LoraConfig for its fields"
             raise ValueError(f"{key!r} is not a LoraConfig field ({hint})")
-    try:  # PEFT's own checks of the values (dropout, bias, init_lora_weights, ...)
+    import typing
+
+    hints = typing.get_type_hints(LoraConfig)
+    for key, value in lora_kwargs.items():  # PEFT checks few values itself: their declared types here
+        if key in hints and not _matches(value, hints[key]):
+            raise ValueError(f"{key}={value!r} is not a valid value: LoraConfig declares it as {_type_name(hints[key])}")
+    dropout = lora_kwargs.get("lora_dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_dropout={dropout!r} must lie in [0, 1)")
+    try:  # PEFT's own checks of the values and of their combinations
         LoraConfig(r=1, lora_alpha=1.0, target_modules=["_"], **lora_kwargs)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"LoraConfig refuses these LoRA keyword arguments: {exc}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (types this cannot judge count as fitting)."""
+    import enum
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        for choice in args:
+            if isinstance(choice, str) and "[" in choice:  # a template such as 'pissa_niter_[number of iters]'
+                if isinstance(value, str) and value.startswith(choice.split("[", 1)[0]):
+                    return True
+            elif value == choice and type(value) is type(choice):
+                return True
+        return False
+    if origin in (list, tuple, set, frozenset):
+        return isinstance(value, (list, tuple, set, frozenset)) and (
+            not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, (hint, str))
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def check_lora_alpha(lora_alpha: Any) -> None:
