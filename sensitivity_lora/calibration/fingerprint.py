@@ -4,10 +4,11 @@ A resumed run (a streaming checkpoint, ``hessians --resume``) adds new blocks to
 that an earlier run measured; that is right only when both runs saw the same model, data and
 settings. The fingerprint holds, as short digests:
 
-- ``model_weights``: every parameter and buffer of the model (name, shape, dtype and an evenly
-  strided sample of at most ``SAMPLE`` elements of its bytes, device-independent: a tensor is
-  read where it lives and only its sample is copied), so a model of the same architecture with
-  other weights (another checkpoint, a fine-tuned copy) differs;
+- ``model_weights``: every parameter and buffer of the model: name, shape, dtype, the bytes of an
+  evenly strided sample of at most ``SAMPLE`` elements, and a checksum of all its bytes (read as
+  integers and summed modulo 2⁶⁴: exact and order-free, so the same on every device; a tensor is
+  read where it lives and only its sample is copied). A model of the same architecture with other
+  weights (another checkpoint, a fine-tuned copy, one changed element) differs;
 - ``model_config``: the model's class and config (its path and the transformers version left out);
 - ``data``: every calibration batch, byte for byte, and their number;
 - the calibration settings (target modules and their shapes, Hessian mode, the resolved kernel
@@ -28,7 +29,7 @@ from torch import nn
 
 from .. import ops
 
-SAMPLE = 65536  # elements read per tensor: SmolLM2-135M's whole digest reads ~15 MB
+SAMPLE = 65536  # elements copied per tensor: SmolLM2-135M's whole digest copies ~15 MB
 FORMAT = "2"  # 2: model weights, config, backend and package version added
 
 DESCRIPTIONS = {
@@ -64,6 +65,16 @@ def _update_tensor(hasher: "hashlib._Hash", name: str, tensor: torch.Tensor) -> 
     step = max(1, flat.numel() // SAMPLE)
     sample = flat[::step].contiguous().cpu()
     hasher.update(sample.view(torch.uint8).numpy().tobytes())
+    # every element, exactly: the bytes as 64-bit integers summed modulo 2⁶⁴ (order-free: the same on every device)
+    raw = flat.contiguous().view(torch.uint8)
+    whole = raw.numel() // 8 * 8
+    try:
+        words = raw[:whole].view(torch.int64)
+    except RuntimeError:  # a view into a storage at an odd offset: copy it
+        words = raw[:whole].clone().view(torch.int64)
+    total = int(words.sum()) if whole else 0
+    total += int(raw[whole:].to(torch.int64).sum()) if whole < raw.numel() else 0
+    hasher.update((total % 2 ** 64).to_bytes(8, "little"))
 
 
 def weights_digest(model: nn.Module) -> str:
