@@ -50,7 +50,7 @@ def test_compare_prints_kendall_tau(tiny_llama_dir, text_file, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--avg-rank", "0"], "avg_rank"),
+    (["--avg-rank", "0"], "avg-rank"),
     (["--energy", "1.5"], "energy"),
     (["--target-modules", "nonexistent"], "no linear layer matches"),
     (["--avg-rank", "4", "--r-min", "9"], "budget"),

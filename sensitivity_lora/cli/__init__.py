@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (already printed as one line)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_INPUT
     debug = bool(getattr(args, "debug", False)) or os.environ.get("SENSITIVITY_LORA_DEBUG") == "1"
     try:
         return args.func(args)

@@ -18,9 +18,10 @@ def add_parsers(sub) -> None:
                                    "sensitivity and allocate LoRA ranks. With no --model/--data: SmolLM2-135M "
                                    "on BBC News articles.")
     options.add_model_and_data(p)
-    p.add_argument("--avg-rank", type=float, default=8.0, help="average LoRA rank r̄ (budget = r̄ × #modules)")
+    p.add_argument("--avg-rank", type=options.positive_float, default=8.0,
+                   help="average LoRA rank r̄ (budget = r̄ × #modules)")
     options.add_allocation_settings(p)
-    p.add_argument("--lora-alpha", type=float, help="lora_alpha of uniform LoRA at rank r̄ (default 2·r̄)")
+    p.add_argument("--lora-alpha", type=options.positive_float, help="lora_alpha of uniform LoRA at rank r̄ (default 2·r̄)")
     p.add_argument("--streaming", action="store_true",
                    help="run the model one block at a time (same result; holds one block's Hessians)")
     p.add_argument("--checkpoint-dir", help="save finished blocks here and resume from them (implies --streaming)")
