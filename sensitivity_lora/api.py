@@ -7,7 +7,7 @@ in keyword arguments (``compute_allocation(model, batches, avg_rank=8, method="p
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,17 +38,21 @@ def score_modules(stats: CalibrationStatistics, settings: AllocationSettings | N
 
 def allocation_from_statistics(parts: Iterable[CalibrationStatistics], avg_rank: float = 8,
                                settings: AllocationSettings | None = None, *, backend: str | None = None,
+                               on_part: Callable[[CalibrationStatistics], None] | None = None,
                                **overrides: Any) -> Allocation:
     """Score the statistics part by part (the whole model, or one block at a time) and allocate.
 
     Scoring a module reads only its own input group, so scoring per block equals
     scoring the whole model at once; each part is released before the next is made.
+    ``on_part`` sees every part before it is released (e.g. to fit an initialisation).
     """
     settings = resolve_settings(settings, **overrides)
     metrics: dict[str, ModuleMetrics] = {}
     n_tokens = n_groups = 0
     for part in parts:
         metrics.update(score_modules(part, settings, backend=backend))
+        if on_part is not None:
+            on_part(part)
         n_tokens = max(n_tokens, part.n_tokens)
         n_groups += len(part.groups)
         del part  # let this part's Hessians go before the next block is computed
@@ -94,15 +98,15 @@ def compute_allocation(
     blocks = block_statistics(model, batches, target_modules, settings.hessian, backend, streaming=streaming,
                               distributed=distributed, checkpoint_dir=checkpoint_dir, device=device,
                               cache_device=cache_device, progress=progress)
-    if settings.init == "none":
-        allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend)
-    else:  # the initialisers read every group's Σxxᵀ after the ranks are known
-        from .initialisation import initialise, merge_parts
+    init = None
+    if settings.init != "none":
+        from .initialisation import PartwiseInit
 
-        parts = list(released(blocks))
-        allocation = allocation_from_statistics(parts, avg_rank, settings, backend=backend)
-        allocation, _ = initialise(model, merge_parts(parts), allocation, settings)
-        del parts
+        init = PartwiseInit(model, avg_rank, settings)  # fits each part's groups before they are released
+    allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend,
+                                            on_part=init.fit if init else None)
+    if init is not None:
+        allocation = init.finish(allocation)
     if distributed:
         allocation.settings["world_size"] = rank_and_world()[1]
     return allocation

@@ -1,55 +1,83 @@
 """Adapter initialisation from the calibration statistics (docs/method.md §7): the glue between the
 statistics, the allocation and the initialisers of ``sensitivity_lora.init``.
 
-The initialisers read each input group's raw sums (Σxxᵀ, Σx, n) once, never run the model
-again, and return A for every module (B = 0). ``covariance`` keeps the allocation's ranks;
-``eva`` and ``output-aware`` choose their own under the same budget r̄ · M, and the
-allocation's ranks are replaced by theirs (its metrics and θ stay, for reference).
+The initialisers read each input group's raw sums (Σxxᵀ, Σx, n) once and never run the model
+again. They work part by part (the whole model, or one streamed block at a time): each part's
+groups are decomposed as the part arrives, keeping only every module's top directions up to its
+rank cap and their scores, so memory stays that of one block; the ranks are chosen at the end,
+over all modules (``covariance``: the allocation's ranks; ``eva`` and ``output-aware``: their own
+global greedy under the same budget r̄ · M, replacing the allocation's ranks — its metrics and θ
+stay, for reference), and every module takes the prefix of its directions. B = 0.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from .calibration.statistics import CalibrationStatistics
 from .calibration.targets import module_weight
-from .init import covariance_init, eva_init, group_sums_from_statistics, output_aware_init
+from .init import covariance_init, eva_init, greedy_ranks, group_sums_from_statistics, output_aware_init
 from .init.state import InitResult
+from .scoring.allocate import module_caps
 from .scoring.result import Allocation
 from .settings import AllocationSettings
 
 
-def merge_parts(parts: Iterable[CalibrationStatistics]) -> CalibrationStatistics:
-    """One ``CalibrationStatistics`` from the blocks of a streamed run (disjoint groups, model order kept)."""
-    groups, module_group, dims, mode = {}, {}, {}, "full"
-    for part in parts:
-        groups.update(part.groups)
-        module_group.update(part.module_group)
-        dims.update(part.dims)
-        mode = part.mode
-    return CalibrationStatistics(groups, module_group, dims, mode)
+class PartwiseInit:
+    """Fits each calibration part as it comes (:meth:`fit`), then chooses the ranks (:meth:`finish`)."""
 
+    def __init__(self, model: nn.Module, avg_rank: float, settings: AllocationSettings) -> None:
+        if settings.init == "none":
+            raise ValueError("PartwiseInit needs settings.init other than 'none'")
+        if float(avg_rank) != int(avg_rank):
+            raise ValueError(f"init={settings.init!r} needs an integer avg_rank (its rank rule works in whole ranks), "
+                             f"got {avg_rank}")
+        self.model, self.avg_rank, self.settings = model, int(avg_rank), settings
+        self.cap = round(settings.init_rho * self.avg_rank)  # the eva / output-aware rules' cap
+        self.scores: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+        self.decompositions = 0
+        self.solvers: dict[str, str] = {}
 
-def initialise(model: nn.Module, stats: CalibrationStatistics, allocation: Allocation,
-               settings: AllocationSettings) -> tuple[Allocation, InitResult]:
-    """The allocation with the init's ranks and its initial A matrices attached, and the init's full result."""
-    if settings.init == "none":
-        raise ValueError("initialise() needs settings.init other than 'none'")
-    groups = group_sums_from_statistics(stats)
-    order = list(stats.dims)
-    avg_rank = _integer_rank(allocation.avg_rank, settings.init)
-    if settings.init == "covariance":
-        result = covariance_init(groups, allocation.ranks(), order=order)
-    elif settings.init == "eva":
-        result = eva_init(groups, r=avg_rank, rho=settings.init_rho, order=order)
-    else:
-        lookup = dict(model.named_modules())
-        weights = {name: module_weight(lookup[name]).detach() for name in order}
-        result = output_aware_init(weights, groups, avg_rank, settings.init_rho, order=order)
-    return with_init(allocation, result, settings), result
+    def fit(self, part: CalibrationStatistics) -> None:
+        """Every module of ``part``: its directions up to its cap (rows, fp64) and their scores."""
+        groups = group_sums_from_statistics(part)
+        order = list(part.dims)
+        init = self.settings.init
+        if init == "covariance":  # up to the allocation's cap; the allocation picks the ranks later
+            from .scoring.metrics import ModuleMetrics
+
+            metrics = [ModuleMetrics(0.0, 0.0, 0.0, d_in, d_out, "") for d_in, d_out in part.dims.values()]
+            caps = module_caps(metrics, self.avg_rank, self.settings)
+            result = covariance_init(groups, {m: int(c) for m, c in zip(order, caps)}, order=order)
+        elif init == "eva":  # ρ = 1 with r = the cap: every module keeps all its candidate directions
+            result = eva_init(groups, r=self.cap, rho=1.0, order=order)
+        else:
+            lookup = dict(self.model.named_modules())
+            weights = {name: module_weight(lookup[name]).detach() for name in order}
+            result = output_aware_init(weights, groups, self.cap, 1.0, order=order)
+        self.scores.update(result.scores)
+        self.rows.update(result.components)
+        self.decompositions += result.decompositions
+        self.solvers.update(result.solvers)
+
+    def finish(self, allocation: Allocation) -> Allocation:
+        """``allocation`` with the init's ranks (for eva / output-aware) and its initial A attached."""
+        order = list(allocation.modules)
+        missing = [m for m in order if m not in self.rows]
+        if missing:
+            raise RuntimeError(f"the initialisation saw no statistics for {len(missing)} modules (e.g. {missing[0]})")
+        init = self.settings.init
+        if init == "covariance":
+            ranks = allocation.ranks()
+        else:
+            ranks = greedy_ranks(self.scores, self.avg_rank * len(order), order)
+        result = InitResult(method=init, ranks=ranks, components={m: self.rows[m][: ranks[m]] for m in order},
+                            scores=self.scores, budget=sum(ranks.values()), decompositions=self.decompositions,
+                            solvers=self.solvers)
+        return with_init(allocation, result, self.settings)
 
 
 def with_init(allocation: Allocation, result: InitResult, settings: AllocationSettings) -> Allocation:
@@ -70,10 +98,3 @@ def with_init(allocation: Allocation, result: InitResult, settings: AllocationSe
 
 def _bound(rank: int, cap: int) -> str | None:
     return "max" if rank >= cap else ("min" if rank == 0 else None)
-
-
-def _integer_rank(avg_rank: float, init: str) -> int:
-    if float(avg_rank) != int(avg_rank):
-        raise ValueError(f"init={init!r} needs an integer avg_rank (its rank rule works in whole ranks), "
-                         f"got {avg_rank}")
-    return int(avg_rank)

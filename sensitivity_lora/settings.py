@@ -22,6 +22,8 @@ FUSIONS = ("sigma_mu2", "global", "local", "equal")
 METHODS = ("sra", "pra", "uniform")
 BUDGET_MODES = ("rank", "params")
 INITS = ("none", "covariance", "eva", "output-aware")
+# the rule that chose an allocation's ranks: a method, or an init that brings its own rank rule
+RANK_RULES = METHODS + ("eva", "output-aware")
 
 
 def _is_int(value: Any) -> bool:

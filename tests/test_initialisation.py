@@ -68,6 +68,26 @@ def test_streaming_gives_the_same_initialisation_as_one_pass(init):
     assert one.total_rank() == 4 * len(one.modules)  # the budget holds for every rank rule
 
 
+def test_partwise_fitting_equals_the_initialisers_on_the_whole_model():
+    """Fitting each part up to its cap and choosing the ranks at the end is the initialisers' own answer."""
+    from sensitivity_lora.init import eva_init, group_sums_from_statistics, output_aware_init
+
+    model, batches = tiny_llama(), random_batches(3)
+    stats = calibrate(model, batches, hessian="full", progress=False)
+    groups, order = group_sums_from_statistics(stats), list(stats.dims)
+    lookup = dict(model.named_modules())
+    weights = {n: lookup[n].weight.detach() for n in order}
+    for init, whole in (("eva", eva_init(groups, 4, 2.0, order=order)),
+                        ("output-aware", output_aware_init(weights, groups, 4, 2.0, order=order))):
+        got = compute_allocation(model, batches, avg_rank=4, init=init, progress=False)
+        assert got.ranks() == whole.ranks, init
+        for n in order:
+            a, b = got.initial_weights[n].double(), whole.components[n]
+            assert a.shape == b.shape
+            if a.numel():
+                assert (a * b).sum(1).min() > 1 - 1e-6, (init, n)  # same unit rows, same signs
+
+
 def test_eva_and_output_aware_choose_their_own_ranks_on_the_same_budget():
     model, batches = tiny_llama(), random_batches(3)
     for init in ("eva", "output-aware"):

@@ -139,6 +139,11 @@ def test_one_block_of_hessians_alive_at_a_time(monkeypatch):
     during.clear()
     compute_allocation(model, random_batches(3), avg_rank=4, hessian="full", streaming=True, progress=False)
     assert during[-9:] == [0, 4, 4] * 3
+    # so does the initialisation: each block's groups are decomposed and let go before the next block
+    for init in ("covariance", "eva", "output-aware"):
+        during.clear()
+        compute_allocation(model, random_batches(3), avg_rank=4, init=init, streaming=True, progress=False)
+        assert during[-9:] == [0, 4, 4] * 3, init
     for h in handles:
         h.remove()
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import FileFormatError, MissingInputError
 from ..files import atomic_write_text, json_safe
-from ..settings import BUDGET_MODES, METHODS
+from ..settings import BUDGET_MODES, RANK_RULES
 from .metrics import ModuleMetrics
 
 if TYPE_CHECKING:
@@ -157,8 +157,8 @@ def check_allocation_dict(data: Any, source: str = "the allocation") -> None:
     missing = [k for k in ("method", "avg_rank", "budget", "budget_mode", "modules") if k not in data]
     if missing:
         raise bad(f"it has no {', '.join(missing)}")
-    if data["method"] not in METHODS:
-        raise bad(f"method={data['method']!r} is not one of {', '.join(METHODS)}")
+    if data["method"] not in RANK_RULES:
+        raise bad(f"method={data['method']!r} is not one of {', '.join(RANK_RULES)}")
     if data["budget_mode"] not in BUDGET_MODES:
         raise bad(f"budget_mode={data['budget_mode']!r} is not one of {', '.join(BUDGET_MODES)}")
     if not _is_number(data["avg_rank"]) or data["avg_rank"] <= 0:
