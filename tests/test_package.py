@@ -131,3 +131,14 @@ def test_readme_python_runs_as_written(index, tmp_path, monkeypatch):
     assert any(k for k in namespace if k not in ("model", "tokenizer", "texts", "__builtins__"))
     if "peft_model" not in namespace:  # the model itself is never changed by calibration
         assert all(model.state_dict()[n].equal(t) for n, t in before.items())
+
+
+def test_every_guarantee_in_the_readme_names_tests_that_exist():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    assert len(named) >= 15
+    assert named <= defined, f"the README names tests that do not exist: {sorted(named - defined)}"
