@@ -197,6 +197,11 @@ def plot_ranks(allocation: Any, path: str | Path) -> None:
     ax.set_title(f"Sensitivity-LoRA ranks — {allocation.method}, r̄ = {allocation.avg_rank:g}\n"
                  f"budget {allocation.budget} ({getattr(allocation, 'budget_mode', 'rank')}), "
                  f"top 5% of modules hold {_share(conc['top5_share']):.1f}%", fontsize=10)
+    from .files import atomic_write
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, format=None if out.suffix else "png")
+    fmt = out.suffix[1:].lower() or "png"
+    # written atomically; no "Software"/date metadata, so the same allocation gives the same bytes
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt,
+                                              metadata={"Software": None} if fmt == "png" else None))
