@@ -147,6 +147,22 @@ def test_unusable_output_folder_exits_4(workspace, tmp_path, capsys, make_out, m
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_an_unwritable_output_folder_exits_4(workspace, tmp_path, monkeypatch, capsys):
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("out") else real(path, mode))
+    assert main(args(workspace, tmp_path / "out")) == cli.EXIT_IO
+    assert "is not writable" in error_line(capsys)
+
+
+def test_a_checkpoint_folder_that_is_a_file_exits_4_before_loading(workspace, tmp_path, monkeypatch, capsys):
+    import sensitivity_lora.models as models
+
+    (tmp_path / "ckpt").write_text("x")
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(args(workspace, tmp_path / "out", "--checkpoint-dir", str(tmp_path / "ckpt"))) == cli.EXIT_IO
+    assert "checkpoint folder" in error_line(capsys)
+
+
 def test_a_folder_in_use_exits_5_and_is_untouched(workspace, old, capsys):
     import fcntl
 
