@@ -253,6 +253,12 @@ class FileSet:
             self.names.append(name)
         return self.staging / name
 
+    def forget(self, name: str) -> None:
+        """Leave ``name`` out of the set after all (e.g. a plot that could not be made)."""
+        if name in self.names:
+            self.names.remove(name)
+        (self.staging / name).unlink(missing_ok=True)
+
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write_text(self.path(name), text)
 

@@ -51,9 +51,8 @@ def check_backend(backend: str | None, devices: Iterable[torch.device], hessian:
     """A forced kernel backend must exist for every op the run needs on every device it runs on."""
     needed = ["accumulate_sumsq", "diag_stats"] + (["accumulate_xtx"] if hessian == "full" else [])
     for device in devices:
-        for op in needed:
-            # the statistics ops run where the activations are; diag_stats scores on the CPU
-            ops.resolve_backend(op, device if op != "diag_stats" else torch.device("cpu"), backend)
+        for op in needed:  # the statistics live, and are scored, where the activations are
+            ops.resolve_backend(op, device, backend)
 
 
 def adapter_modules(model: nn.Module) -> list[str]:

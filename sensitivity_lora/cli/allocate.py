@@ -88,7 +88,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 plot_ranks(allocation, files.path("ranks.png"))
                 plotted = True
             except MissingPackageError as exc:
-                files.names.remove("ranks.png")
+                files.forget("ranks.png")
                 print(f"skipped ranks.png: {exc}")
         if not args.no_verify:
             _verify(model, allocation, files.staging)
