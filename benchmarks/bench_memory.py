@@ -1,18 +1,21 @@
 """Memory held in Hessians (and the process peak), full mode: naive one-pass vs streaming.
 
-    python -m pytest benchmarks/bench_memory.py --benchmark-enable -s     # SmolLM2-135M, prints the table
-    python benchmarks/bench_memory.py --mode streaming                    # one measurement, JSON
+    python -m pytest benchmarks/bench_memory.py --benchmark-enable -s     # SmolLM2-135M: table + JSON
+    python benchmarks/bench_memory.py --all                               # the same without pytest
+    python benchmarks/bench_memory.py --all --quick --out /tmp/memory     # 3-block model, seconds (smoke run)
+    python benchmarks/bench_memory.py --mode streaming                    # one measurement, printed as JSON
 
 Modes, each in a fresh process so its peak RSS is its own:
   plain      the model's forward only (no statistics): the floor of the process peak
   naive      one pass, one fp32 Σxxᵀ per target module (what a GPTQ-style hook script holds)
-  one-pass   capture.calibrate(hessian="full"): one fp64 accumulator per input group, all blocks at once
-  streaming  streaming.iter_block_statistics: one block's input groups at a time (fp64)
+  one-pass   calibration.one_pass.calibrate(hessian="full"): one fp64 accumulator per input group, all blocks
+  streaming  calibration.streaming.iter_block_statistics: one block's input groups at a time (fp64)
 
-"Hessians held" is the peak over the run of the bytes of all live accumulators
-(sampled at every block call and every finished block); "process peak" is
-ru_maxrss. Without --benchmark-enable only the quick variant runs: a 3-block
-model of SmolLM2's width, checking the bound exactly.
+"Hessians held" is the peak over the run of the bytes of all live accumulators (Σxxᵀ, Σx², Σx;
+sampled at every block call and every finished block); "process peak" is ru_maxrss. The full
+measurement writes ``benchmarks/results/memory.json`` (``--quick``: ``memory-quick.json``), from
+which ``benchmarks/render_results.py`` renders RESULTS.md. Without --benchmark-enable only the
+quick pytest variant runs: a 3-block model of SmolLM2's width, checking the bound exactly.
 """
 from __future__ import annotations
 
@@ -32,9 +35,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import LoadMonitor, column, new_run, write_table  # noqa: E402
+
 MiB = 2**20
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
 MODES = ("plain", "naive", "one-pass", "streaming")
+KEEPS = {"plain": "no statistics (the floor)",
+         "naive": "one fp32 Σxxᵀ per module (GPTQ-style hooks)",
+         "one-pass": "one fp64 sum per input group, all blocks (`calibrate(hessian=\"full\")`)",
+         "streaming": "one block's 4 input groups, fp64 (`iter_block_statistics`)"}
+COLUMNS = [column("mode", "mode"), column("keeps", "what it keeps"),
+           column("hessian_peak_bytes", "Hessians held (peak) MiB", "mib"),
+           column("rss_peak_bytes", "process peak RSS MiB", "mib0"), column("seconds", "time s", "f0")]
+NOTES = ["SmolLM2-135M (fp32, 30 blocks, 210 target modules, 120 input groups), 16 BBC articles × 128 tokens, "
+         "batch 8, CPU.",
+         "\"Hessians held\" is the peak of the bytes of all live accumulators, sampled at every block call and every "
+         "finished block; \"process peak\" is ru_maxrss (model, activations and Hessians together)."]
 
 
 class HessianMeter:
@@ -61,7 +78,8 @@ class HessianMeter:
         for ref in self.alive:
             g = ref()
             if g is not None:
-                total += g.sumsq.numel() * 8 + (g.xtx.numel() * g.xtx.element_size() if g.xtx is not None else 0)
+                for t in (g.sumsq, getattr(g, "sum", None), g.xtx):
+                    total += t.numel() * t.element_size() if t is not None else 0
         self.peak = max(self.peak, total)
 
 
@@ -138,13 +156,13 @@ def run_mode(mode: str, model, batches) -> dict:
 
 
 def block_unique_bytes(model) -> int:
-    """fp64 bytes (Σxxᵀ and Σx²) of one Llama block's 4 input groups: q/k/v, o, gate/up, down."""
+    """fp64 bytes (Σxxᵀ, Σx² and Σx) of one Llama block's 4 input groups: q/k/v, o, gate/up, down."""
     from sensitivity_lora.calibration.targets import block_containers, module_dims, resolve_targets
 
     container = block_containers(model)[0]
     lookup = dict(model.named_modules())
     d = [module_dims(lookup[n])[0] for n in resolve_targets(model) if n.startswith(container + ".0.")]
-    return sum(w * w * 8 + w * 8 for w in (d[0], d[3], d[4], d[6]))  # q (=k=v), o, gate (=up), down
+    return sum(w * w * 8 + 2 * w * 8 for w in (d[0], d[3], d[4], d[6]))  # q (=k=v), o, gate (=up), down
 
 
 def _measure_in_subprocess(mode: str, quick: bool) -> dict:
@@ -153,6 +171,20 @@ def _measure_in_subprocess(mode: str, quick: bool) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_all(quick: bool, folder: Path | None = None) -> list[dict]:
+    """Every mode in its own process; writes ``memory.json`` (``memory-quick.json``) and returns the results."""
+    monitor = LoadMonitor()
+    results = [_measure_in_subprocess(mode, quick) for mode in MODES]
+    rows = [{"mode": r["mode"], "keeps": KEEPS[r["mode"]], "hessian_peak_bytes": r["hessian_peak_bytes"],
+             "rss_peak_bytes": r["rss_peak_bytes"], "seconds": round(r["seconds"], 2)} for r in results]
+    notes = NOTES if not quick else ["Quick variant: a 3-block model of SmolLM2's widths, random weights, 2 × 2 × 16 "
+                                     "random tokens (checks the writer and the bound, not a measurement to quote)."]
+    write_table("memory-quick" if quick else "memory", benchmark="bench_memory",
+                title="Hessians held at once in full mode" + (" (quick variant)" if quick else ", SmolLM2-135M"),
+                columns=COLUMNS, rows=rows, run=new_run(monitor.stop()), notes=notes, folder=folder)
+    return results
 
 
 def table(results: list[dict]) -> str:
@@ -172,7 +204,7 @@ def test_memory_quick_streaming_holds_one_block():
     """Quick (CI) variant: 3 blocks of SmolLM2's width, in this process."""
     model, batches = load(quick=True)
     one_block = block_unique_bytes(model)
-    assert one_block == 3 * (576**2 + 576) * 8 + (1536**2 + 1536) * 8
+    assert one_block == 3 * (576**2 + 2 * 576) * 8 + (1536**2 + 2 * 1536) * 8
     streaming = run_mode("streaming", model, batches)
     one_pass = run_mode("one-pass", model, batches)
     assert streaming["hessian_peak_bytes"] == one_block
@@ -187,9 +219,7 @@ def test_memory_smollm2(benchmark, request):
         pytest.skip("the SmolLM2 memory measurement runs with --benchmark-enable (the quick variant runs always)")
     from sensitivity_lora.models import load_model_and_tokenizer  # noqa: F401  (fails early if unavailable)
 
-    results = []
-    for mode in MODES:
-        results.append(_measure_in_subprocess(mode, quick=False))
+    results = measure_all(quick=False)
     print("\n" + table(results))
     benchmark.extra_info.update({r["mode"]: r for r in results})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
@@ -199,9 +229,15 @@ def test_memory_smollm2(benchmark, request):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--quick", action="store_true")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mode", choices=MODES, help="one measurement in this process, printed as JSON")
+    what.add_argument("--all", action="store_true", help="every mode in its own process; writes the results JSON")
+    parser.add_argument("--quick", action="store_true", help="a 3-block model of SmolLM2's width, random tokens")
+    parser.add_argument("--out", type=Path, help="folder for the JSON of --all (default: benchmarks/results/)")
     args = parser.parse_args()
+    if args.all:
+        print(table(measure_all(args.quick, args.out)))
+        return
     import warnings
 
     warnings.simplefilter("ignore")

@@ -1,12 +1,18 @@
 """Every fast op against the reference (and the baselines the targets name), same run, same inputs.
 
-    SL_BENCH_FULL=1 python -m pytest benchmarks/bench_ops.py --benchmark-enable -s -p no:randomly
+    SL_BENCH_FULL=1 python -m pytest benchmarks/bench_ops.py --benchmark-enable -s -p no:cacheprovider
+    OMP_NUM_THREADS=1 SL_BENCH_FULL=1 python -m pytest benchmarks/bench_ops.py --benchmark-enable -s -p no:cacheprovider
 
 Groups are ``<op>/<size>/<dtype>``; the last test prints a table of medians and of ratios to the
-reference and to the baselines (``H.addmm_(x.T, x)`` in fp32, ``torch.linalg.cholesky``), which
-is what benchmarks/RESULTS.md records. The cpu ``accumulate_xtx`` runs on its default product path
-(scipy's OpenBLAS SYRK when available, else at::mm blocks; see ``sensitivity_lora.ops.native.use_external_syrk``). Without ``SL_BENCH_FULL`` a small grid runs; under
-``--benchmark-disable`` (CI) every function runs once, as a smoke test of every backend.
+reference and to the baselines (``H.addmm_(x.T, x)`` in fp32, ``torch.linalg.cholesky``) and
+writes it to ``benchmarks/results/ops-threads<T>.json`` (T = torch's thread count; the small grid:
+``ops-small-threads<T>.json``), from which ``benchmarks/render_results.py`` renders RESULTS.md. A
+run of some groups (``-k "xtx or zz"``) replaces those rows and keeps the others with their run.
+The cpu ``accumulate_xtx`` runs on its default product path (scipy's OpenBLAS SYRK when available,
+else at::mm blocks; see ``sensitivity_lora.ops.native.use_external_syrk``); ``accumulate_sumsq``
+accumulates Σx beside Σx², as calibration does. Without ``SL_BENCH_FULL`` a small grid runs; under
+``--benchmark-disable`` (CI) every function runs once, as a smoke test of every backend, and
+nothing is written.
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ import os
 import pytest
 import torch
 
+from results_io import LoadMonitor, column, new_run, ratio, write_table
 from sensitivity_lora import ops
-from sensitivity_lora.ops import reference
 
 FULL = os.environ.get("SL_BENCH_FULL", "") == "1"
 DIMS = (576, 1536, 4096) if FULL else (576,)
@@ -27,6 +33,7 @@ DIAG_DIMS = (576, 4096, 14336) if FULL else (576,)
 ROUNDS = 5
 
 MEDIANS: dict[tuple[str, str], float] = {}  # (group, variant) -> median seconds
+MONITOR = LoadMonitor()  # started when pytest imports this file
 
 
 def _impl(op: str, backend: str):
@@ -63,8 +70,8 @@ ACT_IDS = [f"d{d}-t{n}-{str(dt).split('.')[-1]}" for d, n, dt in ACT_CASES]
 def test_sumsq(benchmark, variant, d, n, dtype):
     fn = _impl("accumulate_sumsq", variant)
     x, mask = _activation(n, d, dtype), _mask(n)
-    acc = torch.zeros(d, dtype=torch.float64)
-    _run(benchmark, f"sumsq/d{d}-t{n}/{str(dtype).split('.')[-1]}", variant, lambda: fn(acc, x, mask))
+    acc, total = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    _run(benchmark, f"sumsq/d{d}-t{n}/{str(dtype).split('.')[-1]}", variant, lambda: fn(acc, x, mask, total))
 
 
 @pytest.mark.parametrize("variant", ["reference", "cpu", "addmm_fp32"])
@@ -114,22 +121,49 @@ def test_diag_stats(benchmark, variant, d):
     _run(benchmark, f"diag_stats/d{d}/float64", variant, lambda: fn(diag, d, d * d // 2, 0.85))
 
 
-def test_zz_report():
-    """Prints medians and ratios (cpu / reference, cpu / baseline) of this run."""
-    if not MEDIANS:
-        pytest.skip("benchmarks disabled (--benchmark-disable): no timings to report")
-    groups = sorted({g for g, _ in MEDIANS}, key=lambda g: (g.split("/")[0], g))
-    lines = ["| group | reference ms | cpu ms | baseline ms | cpu / reference | cpu / baseline |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for g in groups:
+COLUMNS = [column("group", "group"), column("reference_ms", "reference ms", "f2"), column("cpu_ms", "cpu ms", "f2"),
+           column("baseline_ms", "baseline ms", "f2"), column("cpu_vs_reference", "cpu / reference", "ratio"),
+           column("cpu_vs_baseline", "cpu / baseline", "ratio")]
+NOTES = ["Groups are `<op>/<size>/<dtype>`; medians of 5 rounds after a warm-up; every ratio is between two medians "
+         "of the same run.",
+         "Baselines: `xtx` against one fp32 `H.addmm_(x.T, x)` on the same tokens (no mask, no fp64 combine, no "
+         "diagonal); `cholesky` against `torch.linalg.cholesky(H)` (no damping, no checks); the other ops have no "
+         "baseline.",
+         "`sumsq` rows have 10 % masked tokens as in real calibration; `xtx` rows are unmasked."]
+
+
+def report_rows() -> list[dict]:
+    """One row per group: medians in ms and the ratios of this run."""
+    rows = []
+    for g in sorted({g for g, _ in MEDIANS}, key=lambda g: (g.split("/")[0], g)):
         ref, cpu = MEDIANS.get((g, "reference")), MEDIANS.get((g, "cpu"))
         base = MEDIANS.get((g, "addmm_fp32")) or MEDIANS.get((g, "linalg_cholesky"))
+        ms = (lambda v: round(v * 1e3, 4) if v is not None else None)
+        rows.append({"group": g, "reference_ms": ms(ref), "cpu_ms": ms(cpu), "baseline_ms": ms(base),
+                     "cpu_vs_reference": ratio(cpu, ref), "cpu_vs_baseline": ratio(cpu, base)})
+    return rows
 
-        def ms(v):
-            return f"{v * 1e3:.2f}" if v is not None else "–"
 
-        def ratio(a, b):
-            return f"{a / b:.2f}" if a is not None and b else "–"
+def test_zz_report():
+    """Prints medians and ratios (cpu / reference, cpu / baseline) of this run and writes them to benchmarks/results/."""
+    if not MEDIANS:
+        pytest.skip("benchmarks disabled (--benchmark-disable): no timings to report")
+    rows = report_rows()
+    lines = ["| group | reference ms | cpu ms | baseline ms | cpu / reference | cpu / baseline |",
+             "|---|---:|---:|---:|---:|---:|"]
 
-        lines.append(f"| {g} | {ms(ref)} | {ms(cpu)} | {ms(base)} | {ratio(cpu, ref)} | {ratio(cpu, base)} |")
+    def ms(v):
+        return f"{v:.2f}" if v is not None else "–"
+
+    def rt(v):
+        return f"{v:.2f}" if v is not None else "–"
+
+    for r in rows:
+        lines.append(f"| {r['group']} | {ms(r['reference_ms'])} | {ms(r['cpu_ms'])} | {ms(r['baseline_ms'])} "
+                     f"| {rt(r['cpu_vs_reference'])} | {rt(r['cpu_vs_baseline'])} |")
     print("\n" + "\n".join(lines))
+    threads = torch.get_num_threads()
+    name = f"ops-threads{threads}" if FULL else f"ops-small-threads{threads}"
+    title = f"cpu backend against the reference, {threads} thread{'s' if threads != 1 else ''}"
+    write_table(name, benchmark="bench_ops", title=title + ("" if FULL else " (small grid)"), columns=COLUMNS,
+                rows=rows, run=new_run(MONITOR.stop()), key="group", notes=NOTES)
