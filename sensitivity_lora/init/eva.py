@@ -29,8 +29,11 @@ PEFT's lengths are not reproducible: its singular values grow with the number of
 repeated) samples its PCA saw, and for members sharing an input it divides the shared component
 tensor in place once per member, so a group's rows end up divided several times (measured on a
 tiny Llama: q/k/v rows 0.0035–0.01 × ours, single modules 2^{-1/4} × ours after one repeat of the
-data). Here each module's rows are divided once, by ((n−1)λ_i)^{1/4}. Label masks (``use_label_mask``) are
-the calibration's business: the sums must already exclude those tokens.
+data). Here each module's rows are divided once, by ((n−1)λ_i)^{1/4}. Ties at the budget cut
+(members of a group share their ratios) are left to an unstable ``argsort`` in PEFT and go to
+the earlier member here: a group's ranks are the same multiset, possibly on other members.
+``tau`` has no counterpart (nothing is iterated); label masks (``use_label_mask``) are the
+calibration's business: the sums must already exclude those tokens.
 """
 from __future__ import annotations
 
