@@ -180,6 +180,9 @@ def bench_smollm2(r: int, rho: float) -> dict:
                                 "agreement_with_auto": agreement(other.components, result.components, order)}
 
     dims_by_group = {name: g.xtx.shape[0] for name, g in groups.items()}
+    members = {name: list(g.members) for name, g in groups.items()}
+    ranks = {"ours": dict(result.ranks), "peft": {m: int(theirs[m].shape[0]) for m in order},
+             "peft_reversed": {m: int(theirs_rev[m].shape[0]) for m in order}}
     return {
         "model": "SmolLM2-135M (sensitivity_lora.models.load_model_and_tokenizer(None))",
         "batches": len(batches), "batch_size": 8, "seq_len": 128, "tokens": tokens,
@@ -198,7 +201,25 @@ def bench_smollm2(r: int, rho: float) -> dict:
         "rank_sum_peft": sum(v.shape[0] for v in theirs.values()),
         "modules_rank0_ours": sum(1 for v in result.ranks.values() if v == 0),
         "modules_rank0_peft": sum(1 for v in theirs.values() if v.shape[0] == 0),
+        "group_rank_multisets_equal": {
+            "ours_vs_peft": group_agreement(ranks["ours"], ranks["peft"], members),
+            "peft_vs_peft_reversed": group_agreement(ranks["peft"], ranks["peft_reversed"], members)},
+        "mean_rank_by_type": {who: mean_by_type(r_) for who, r_ in ranks.items()},
+        "ranks": ranks,
     }
+
+
+def group_agreement(a: dict, b: dict, members: dict) -> float:
+    """Share of input groups whose members' ranks are the same multiset (ties inside a group set aside)."""
+    same = sum(sorted(a[m] for m in ms) == sorted(b[m] for m in ms) for ms in members.values())
+    return same / len(members)
+
+
+def mean_by_type(ranks: dict) -> dict:
+    kinds: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    return {kind: sum(v) / len(v) for kind, v in kinds.items()}
 
 
 def environment() -> dict:
@@ -232,10 +253,16 @@ def main(argv=None) -> int:
     p.add_argument("--rho", type=float, default=2.0)
     p.add_argument("--skip-decomposition", action="store_true")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--update", action="store_true", help="keep the other section of an existing --out file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = {"environment": environment(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     path = Path(args.out)
+    out = json.loads(path.read_text()) if args.update and path.exists() else {}
+    if "environment" in out:  # a file from a single run: its settings become that run's entry
+        out.setdefault("runs", {})["all"] = {"environment": out.pop("environment"), "command": out.pop("command", None)}
+    command = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    section = "model" if args.skip_decomposition else "decomposition" if args.skip_model else "all"
+    out.setdefault("runs", {})[section] = {"environment": environment(), "command": command}
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
