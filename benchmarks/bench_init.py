@@ -65,10 +65,10 @@ def timed(fn, repeats: int):
     return best, out
 
 
-def bench_decomposition(sizes, ks, dense_max_dim: int, scipy_max_dim: int) -> list[dict]:
+def bench_decomposition(sizes, ks, dense_max_dim: int, scipy_max_dim: int, rows: list, save) -> list[dict]:
+    """Appends one row per (d, k) to ``rows`` and calls ``save()`` after each (a long run keeps what it has)."""
     import scipy.linalg
 
-    rows = []
     for d in sizes:
         a = decaying_matrix(d, seed=d)
         repeats = 3 if d <= 1536 else 1
@@ -89,7 +89,9 @@ def bench_decomposition(sizes, ks, dense_max_dim: int, scipy_max_dim: int) -> li
                 row["scipy_subset_eigh_s"], _ = timed(
                     lambda: scipy.linalg.eigh(a.numpy(), subset_by_index=[d - k, d - 1], driver="evr"), repeats)
             rows.append(row)
+            save()
             print("  ", json.dumps(row), flush=True)
+        del a, dense
     return rows
 
 
@@ -276,8 +278,8 @@ def main(argv=None) -> int:
         save()
     if not args.skip_decomposition:
         print("(i) decomposition", flush=True)
-        out["decomposition"] = bench_decomposition(args.sizes, args.ks, args.dense_max_dim, args.scipy_max_dim)
-        save()
+        out["decomposition"] = []
+        bench_decomposition(args.sizes, args.ks, args.dense_max_dim, args.scipy_max_dim, out["decomposition"], save)
     print(json.dumps(out, indent=1))
     return 0
 
