@@ -140,7 +140,7 @@ def lm_runs(tokenizer):
     config = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     texts = _texts(30)
     names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "eva-ranks", "adalora",
-             "sl-eva", "sra-cov", "uniform-cov", "output-aware")
+             "sl-eva", "sra-cov", "sra-cov-params", "uniform-cov", "output-aware")
     return model, {m: run_causal_lm(model, tokenizer, texts, METHODS[m], 3, 0, config, task) for m in names}
 
 
@@ -163,6 +163,7 @@ def test_rank_budget_is_exact_for_rank_mode_methods(lm_runs):
         assert runs[name]["rank_min"] == runs[name]["rank_max"] == 3, name
     assert runs["eva-ranks"]["ranks"] == runs["eva"]["ranks"]  # EVA's ranks with plain LoRA's init
     assert runs["sra-cov"]["ranks"] == runs["sra"]["ranks"]  # the covariance init keeps SRA's ranks
+    assert runs["sra-cov-params"]["ranks"] == runs["sra-params"]["ranks"]
     assert runs["uniform-cov"]["ranks"] == runs["uniform"]["ranks"]
     assert runs["sra"]["n_distinct_ranks"] > 1  # the allocation did something
     assert runs["sra-rho2"]["rank_max"] <= 6
@@ -174,7 +175,8 @@ def test_param_mode_matches_uniform_parameter_count(lm_runs):
     budget = runs["uniform"]["lora_params"]
     assert budget == 3 * sum(a + b for a, b in dims.values())
     cheapest = min(a + b for a, b in dims.values())
-    assert budget - cheapest < runs["sra-params"]["lora_params"] <= budget
+    for name in ("sra-params", "sra-cov-params"):
+        assert budget - cheapest < runs[name]["lora_params"] <= budget, name
 
 
 def test_lora_params_counts_the_real_adapter_weights(tokenizer):

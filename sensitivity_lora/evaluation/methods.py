@@ -57,6 +57,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "this package's EVA: EVA's ranks and init (ρ = 2) from one calibration pass's Σxxᵀ, exact"),
     Method("sra-cov", "sensitivity", {"method": "sra", "init": "covariance"},
            "SRA ranks, A = top input-covariance eigenvectors, B = 0"),
+    Method("sra-cov-params", "sensitivity", {"method": "sra", "budget_mode": "params", "init": "covariance"},
+           "sra-cov with the LoRA parameter count matched to uniform"),
     Method("uniform-cov", "sensitivity", {"method": "uniform", "init": "covariance"},
            "uniform ranks, A = top input-covariance eigenvectors, B = 0"),
     Method("output-aware", "sensitivity", {"init": "output-aware"},
