@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # the entry points
     "compute_allocation": "api", "get_peft_model": "api",
+    "SensitivityConfig": "peft_entry", "initialize_lora_sensitivity": "peft_entry",
     "AllocationSettings": "settings",
     "Allocation": "scoring", "kendall_tau": "scoring",
     "lora_config": "peft", "lora_config_from_ranks": "peft", "verify_ranks": "peft",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
                          NotPositiveDefiniteError, RankMismatchError, TargetError)
     from .hessians import export_hessians, load_hessians
     from .peft import lora_config, lora_config_from_ranks, verify_ranks
+    from .peft_entry import SensitivityConfig, initialize_lora_sensitivity
     from .scoring import Allocation, kendall_tau
     from .settings import AllocationSettings
 

@@ -14,7 +14,6 @@ from torch import nn
 
 from .calibration import CalibrationStatistics, block_statistics, released
 from .calibration.distributed import rank_and_world
-from .calibration.model_state import ModelState
 from .calibration.validate import check_device, check_model
 from .files import ensure_output_folder
 from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
@@ -120,23 +119,16 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
 
     ``allocation_kwargs`` go to :func:`compute_allocation` (``settings``, its fields, streaming, ...).
     """
-    from peft import get_peft_model as peft_get_peft_model
-
-    from .peft import apply_initial_weights, check_lora_alpha, check_lora_kwargs, lora_config, verify_ranks
+    from .peft import build_peft_model, check_lora_alpha, check_lora_kwargs, lora_config
 
     check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
     check_lora_alpha(lora_alpha)
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
     config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
-    before = ModelState.capture(model)  # PEFT changes ``model`` in place: children, requires_grad, flags
-    try:
-        peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
-        verify_ranks(peft_model, allocation, adapter_name)
-        if allocation.initial_weights is not None:
-            apply_initial_weights(peft_model, allocation, adapter_name)
-    except BaseException:
-        before.restore()  # the injected layers out, every requires_grad flag and attribute as it was
-        raise
-    return peft_model, allocation
+    return build_peft_model(model, allocation, config, adapter_name), allocation
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")

@@ -217,12 +217,12 @@ def load_texts(path: str | Path | None = None, max_samples: int | None = None, s
 
 # --- batches --------------------------------------------------------------------------------------------
 
-def _check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DataError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if isinstance(value, int):
@@ -236,10 +236,10 @@ def calibration_batches(texts: Sequence[str], tokenizer: Any, seq_len: int = 256
     to the longest in its batch. Dicts with ``input_ids`` and ``attention_mask`` (int64). Empty texts are skipped."""
     if isinstance(texts, str):
         raise DataError("texts must be a list of strings, not one string: wrap it in a list")
-    _check_positive("seq_len", seq_len)
-    _check_positive("batch_size", batch_size)
+    check_positive("seq_len", seq_len)
+    check_positive("batch_size", batch_size)
     if max_samples is not None:
-        _check_positive("max_samples", max_samples)
+        check_positive("max_samples", max_samples)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise DataError(f"texts[{index}] is {type(text).__name__}, not a string")
@@ -250,15 +250,20 @@ def calibration_batches(texts: Sequence[str], tokenizer: Any, seq_len: int = 256
     sequences = [ids[:seq_len] for ids in encoded if len(ids) > 0]
     if not sequences:
         raise DataError("no calibration tokens: every text is empty (or tokenises to nothing)")
-    pad = _pad_id(tokenizer)
+    return padded_batches(sequences, pad_id(tokenizer), batch_size)
+
+
+def padded_batches(sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Token-id sequences in order, ``batch_size`` per batch, right-padded to the longest in their batch
+    (``attention_mask`` 0 on the padding)."""
     batches = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, :len(seq)] = 1
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches

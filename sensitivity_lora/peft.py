@@ -10,9 +10,11 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 from numbers import Integral, Real
-from typing import Any, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -187,15 +189,39 @@ def base_module_name(peft_name: str, names: set[str]) -> str | None:
 
 def lora_layers(peft_model: nn.Module, names: set[str], adapter_name: str = "default") -> Iterator[tuple[str, str | None, nn.Module]]:
     """Every LoRA layer of ``adapter_name``: (its module path, which of ``names`` it adapts or None, the layer)."""
-    from peft.tuners.lora import LoraLayer
-
-    for path, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "r", {}):
-            yield path, base_module_name(path, names), module
+    for path, module in adapter_layers(peft_model, adapter_name):
+        yield path, base_module_name(path, names), module
 
 
-def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
-    """Raise RankMismatchError unless every allocated module has a LoRA layer of exactly its rank and scale."""
+def _report(problems: list[str], what: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RankMismatchError(f"the PEFT model does not match {what}: {shown}")
+
+
+def _check_equal_scales(scales: Mapping[str, float], problems: list[str]) -> None:
+    if scales and max(scales.values()) > min(scales.values()) * (1 + 1e-6):
+        low, high = min(scales, key=scales.get), max(scales, key=scales.get)
+        problems.append(f"step-size scales differ: {low} {scales[low]:.4g} vs {high} {scales[high]:.4g} "
+                        "(set alpha_pattern with lora_config, which keeps them equal)")
+
+
+def verify_ranks(peft_model: nn.Module, expected: "Allocation | str | os.PathLike | Any",
+                 adapter_name: str = "default") -> None:
+    """Raise RankMismatchError unless the LoRA layers of ``adapter_name`` carry the expected ranks.
+
+    ``expected`` is an :class:`Allocation` (every allocated module has a layer of exactly its rank,
+    and one step-size scale), or a LoraConfig, or an adapter folder written by ``save_pretrained``
+    (its ``adapter_config.json``): every layer's rank and scale are those its ``rank_pattern`` and
+    ``alpha_pattern`` give, matched as PEFT matches them, so a saved adapter is checked on its own.
+    """
+    if isinstance(expected, Allocation):
+        _verify_against_allocation(peft_model, expected, adapter_name)
+    else:
+        _verify_against_config(peft_model, _as_lora_config(expected), adapter_name)
+
+
+def _verify_against_allocation(peft_model: nn.Module, allocation: Allocation, adapter_name: str) -> None:
     ranks = allocation.ranks()
     expected = {n: r for n, r in ranks.items() if r > 0}  # rank 0: no adapter
     found: dict[str, int] = {}
@@ -214,13 +240,80 @@ def verify_ranks(peft_model: nn.Module, allocation: Allocation, adapter_name: st
         if rank != expected[target]:
             problems.append(f"{target}: rank {rank}, allocated {expected[target]}")
     problems += [f"{n}: no LoRA layer (allocated rank {expected[n]})" for n in expected if n not in found]
-    if scales and max(scales.values()) > min(scales.values()) * (1 + 1e-6):
-        low, high = min(scales, key=scales.get), max(scales, key=scales.get)
-        problems.append(f"step-size scales differ: {low} {scales[low]:.4g} vs {high} {scales[high]:.4g} "
-                        "(set alpha_pattern with lora_config, which keeps them equal)")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise RankMismatchError(f"the PEFT model does not match the allocation: {shown}")
+    _check_equal_scales(scales, problems)
+    _report(problems, "the allocation")
+
+
+def _as_lora_config(source: Any):
+    from peft import LoraConfig, PeftConfig
+
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no adapter_config.json (not an adapter folder written by "
+                                    "save_pretrained)")
+        source = PeftConfig.from_pretrained(str(folder))
+    if not isinstance(source, LoraConfig):
+        raise ValueError(f"expected an Allocation, a LoraConfig or an adapter folder, got {type(source).__name__}")
+    return source
+
+
+def pattern_key(keys: Iterable[str], name: str) -> str | None:
+    """The first ``rank_pattern``/``alpha_pattern`` key that matches module ``name`` as PEFT matches it
+    (a regex for the end of the name, after a dot), or None."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _verify_against_config(peft_model: nn.Module, config: Any, adapter_name: str) -> None:
+    problems, seen = [], set()
+    for path, module in adapter_layers(peft_model, adapter_name):
+        key = path.removeprefix("base_model.model.")
+        seen.add(key)
+        rank_key, alpha_key = pattern_key(config.rank_pattern or {}, key), pattern_key(config.alpha_pattern or {}, key)
+        rank = config.rank_pattern[rank_key] if rank_key is not None else config.r
+        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        found_rank, found_scale = int(module.r[adapter_name]), float(module.scaling[adapter_name])
+        if found_rank != rank:
+            problems.append(f"{key}: rank {found_rank}, the config gives {rank}")
+        elif not math.isclose(found_scale, scale, rel_tol=1e-6):
+            problems.append(f"{key}: scale {found_scale:.6g}, the config gives {scale:.6g}")
+    targets = config.target_modules
+    if isinstance(targets, (set, list, tuple)) and all("." in t for t in targets):  # full paths: each needs a layer
+        problems += [f"{t}: listed in target_modules but has no LoRA layer" for t in sorted(targets) if t not in seen]
+    if not seen:
+        problems.append(f"no LoRA layer of adapter {adapter_name!r}")
+    _report(problems, "the adapter config")
+
+
+def adapter_layers(peft_model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for path, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "r", {}):
+            yield path, module
+
+
+def build_peft_model(model: nn.Module, allocation: Allocation, config: Any, adapter_name: str = "default"):
+    """PEFT's ``get_peft_model(model, config)``, its ranks verified against ``allocation`` and the
+    allocation's initial A (if any) applied; on any error the model is put back as it was."""
+    from peft import get_peft_model as peft_get_peft_model
+
+    from .calibration.model_state import ModelState
+
+    before = ModelState.capture(model)  # PEFT changes ``model`` in place: children, requires_grad, flags
+    try:
+        peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+        verify_ranks(peft_model, allocation, adapter_name)
+        if allocation.initial_weights is not None:
+            apply_initial_weights(peft_model, allocation, adapter_name)
+    except BaseException:
+        before.restore()  # the injected layers out, every requires_grad flag and attribute as it was
+        raise
+    return peft_model
 
 
 def apply_initial_weights(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:

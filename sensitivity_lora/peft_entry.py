@@ -1,0 +1,165 @@
+"""The PEFT-native entry, held like PEFT's EVA: a config object and one call on a PEFT model.
+
+    from peft import LoraConfig, get_peft_model
+    from sensitivity_lora import SensitivityConfig, initialize_lora_sensitivity
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    peft_model = initialize_lora_sensitivity(peft_model, texts, tokenizer=tokenizer)
+
+The LoraConfig says what to adapt, the average rank r̄ (``r``), ``lora_alpha`` (the alpha of
+uniform LoRA at rank r̄) and everything else (dropout, bias, rsLoRA, DoRA, ...);
+:class:`SensitivityConfig` says how the ranks and the initial weights are chosen and how the
+calibration data is read. The returned model is a new ``PeftModel`` over the same base model: use
+it, not the one passed in (whose adapters were taken out). Its ``save_pretrained`` folder carries
+the ranks in ``adapter_config.json`` and is verified on its own by ``verify_ranks(model, folder)``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Sequence
+
+from torch import nn
+
+from .api import check_adapter_name, compute_allocation
+from .batches import as_batches
+from .calibration.model_state import ModelState
+from .data import check_positive
+from .peft import adapter_layers, build_peft_model, lora_config_from_ranks
+from .settings import AllocationSettings
+
+_OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data pass: they would override ours
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityConfig(AllocationSettings):
+    """The allocation settings (every field of :class:`AllocationSettings`; here ``init`` defaults to
+    ``"covariance"``, the initialisation docs/results.md found best) and how calibration reads the data.
+
+    seq_len, batch_size, max_samples: how text and tokenised rows are cut and batched (batches
+      already made are used as they are); text_field: the text column of a ``datasets.Dataset``.
+    streaming: run the model one block at a time (same result, one block's statistics in memory).
+    backend: the statistics kernels (None: the best available).
+    progress: a progress bar over the calibration batches.
+    """
+
+    init: str = "covariance"
+    seq_len: int = 256
+    batch_size: int = 8
+    max_samples: int | None = None
+    text_field: str = "text"
+    streaming: bool = False
+    backend: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("seq_len", self.seq_len)
+        check_positive("batch_size", self.batch_size)
+        if self.max_samples is not None:
+            check_positive("max_samples", self.max_samples)
+        for name in ("streaming", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def allocation_settings(self) -> AllocationSettings:
+        """The allocation part alone (what ``allocation.json`` records)."""
+        return AllocationSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AllocationSettings)})
+
+
+def _check_lora_config(lora_config: Any, config: SensitivityConfig) -> None:
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"expected a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config.rank_pattern or lora_config.alpha_pattern:
+        raise ValueError("the LoraConfig already has a rank_pattern/alpha_pattern: the ranks are what this call "
+                         "chooses; remove them")
+    weights = lora_config.init_lora_weights
+    if isinstance(weights, str) and weights.lower() in _OWN_INITS:
+        raise ValueError(f"init_lora_weights={weights!r} needs PEFT's own initialisation pass; use "
+                         f"SensitivityConfig(init=...) here instead ('eva' is this package's exact EVA)")
+    if config.init != "none" and not isinstance(weights, bool):
+        raise ValueError(f"init_lora_weights={weights!r} conflicts with SensitivityConfig(init={config.init!r}), "
+                         "which sets A from the statistics and B = 0; pass init='none' to keep PEFT's initialisation")
+    if float(lora_config.r) != int(lora_config.r) or lora_config.r < 1:
+        raise ValueError(f"LoraConfig.r must be a positive integer (the average rank), got {lora_config.r!r}")
+
+
+def _adapted_names(peft_model: nn.Module, adapter_name: str) -> list[str]:
+    """The module names (relative to the base model) that hold a LoRA layer of ``adapter_name``."""
+    return [path.removeprefix("base_model.model.") for path, _ in adapter_layers(peft_model, adapter_name)]
+
+
+def _targets_of(model: nn.Module, lora_config: Any, adapter_name: str) -> list[str]:
+    """The modules PEFT would adapt under ``lora_config`` (found by PEFT itself, with empty LoRA
+    weights on the meta device, and taken out again)."""
+    from peft import get_peft_model
+
+    state = ModelState.capture(model)
+    try:
+        probe = get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name, low_cpu_mem_usage=True)
+        return _adapted_names(probe, adapter_name)
+    finally:
+        state.restore()
+
+
+def initialize_lora_sensitivity(model: nn.Module, data: Any, lora_config: Any = None,
+                                config: SensitivityConfig | None = None, *, tokenizer: Any = None,
+                                target_modules: str | Sequence[str] | None = None,
+                                adapter_name: str = "default"):
+    """A PEFT model whose ranks and initial adapters come from one calibration pass over ``data``.
+
+    model: a ``PeftModel`` with one LoRA adapter (its LoraConfig and its adapted modules are used;
+      its adapters are taken out, as ``unload()`` does, and new ones built), or a base model with
+      ``lora_config`` (default: r = 8, lora_alpha = 16, every linear layer of the transformer blocks,
+      or ``target_modules``).
+    data: a DataLoader or list of batches, a ``datasets.Dataset`` (tokenised, or text with
+      ``tokenizer``), tokenised rows, or a list of texts with ``tokenizer`` (see
+      :mod:`sensitivity_lora.batches`).
+
+    Bad input is refused before any work; on any error the model is left as it was.
+    """
+    from peft import LoraConfig, PeftModel
+
+    config = SensitivityConfig() if config is None else config
+    if not isinstance(config, SensitivityConfig):
+        raise ValueError(f"config must be a SensitivityConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
+    is_peft = isinstance(model, PeftModel)
+    if is_peft:
+        if lora_config is not None or target_modules is not None:
+            raise ValueError("pass a PeftModel, or a base model with lora_config/target_modules, not both: a "
+                             "PeftModel's own LoraConfig and adapted modules are used")
+        if set(model.peft_config) != {adapter_name}:
+            raise ValueError(f"the PeftModel holds adapters {sorted(model.peft_config)}; this call builds exactly "
+                             f"one, {adapter_name!r}")
+        lora_config = model.peft_config[adapter_name]
+    elif lora_config is None:
+        lora_config = LoraConfig(r=8, lora_alpha=16)
+    _check_lora_config(lora_config, config)
+    batches = as_batches(data, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+                         max_samples=config.max_samples, text_field=config.text_field)
+    if is_peft:
+        targets = _adapted_names(model, adapter_name)
+        base = model.get_base_model()
+    elif lora_config.target_modules is not None and target_modules is None:
+        targets, base = _targets_of(model, lora_config, adapter_name), model
+    else:
+        targets, base = target_modules, model  # None: every linear layer of the blocks
+    state = ModelState.capture(base)
+    try:
+        if is_peft:
+            model.unload()  # the base model back, without the adapters (not merged)
+        allocation = compute_allocation(base, batches, int(lora_config.r), config.allocation_settings(),
+                                        target_modules=targets, backend=config.backend, progress=config.progress,
+                                        streaming=config.streaming)
+        ranked = lora_config_from_ranks(allocation.ranks(), lora_config.r, lora_config.lora_alpha,
+                                        use_rslora=lora_config.use_rslora)
+        new_config = dataclasses.replace(copy.deepcopy(lora_config), r=ranked.r, lora_alpha=ranked.lora_alpha,
+                                         target_modules=ranked.target_modules, rank_pattern=ranked.rank_pattern,
+                                         alpha_pattern=ranked.alpha_pattern)
+        return build_peft_model(base, allocation, new_config, adapter_name)
+    except BaseException:
+        state.restore()  # the adapters (and every flag PEFT set) as they were
+        raise
