@@ -55,6 +55,32 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> bool:
     return True
 
 
+# set by torchrun (torch.distributed.run) for every process it starts; accelerate launch sets ACCELERATE_*
+LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def single_process_warning(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why only one process runs although a launcher started this one, or None.
+
+    torchrun and accelerate launch leave their variables in the environment; with WORLD_SIZE
+    missing or 1 (``torchrun --nproc_per_node 1``, or ``accelerate launch --cpu --num_processes N``,
+    which starts one process unless MPI runs it) :func:`init_from_env` runs single-process.
+    Only reads the environment: nothing about the process group changes.
+    """
+    env = os.environ if environ is None else environ
+    torch_vars = [v for v in LAUNCHER_VARS if v in env]
+    accelerate_vars = sorted(v for v in env if v.startswith("ACCELERATE_"))
+    world = env.get("WORLD_SIZE")
+    if not (torch_vars or accelerate_vars) or world not in (None, "", "1"):
+        return None
+    launcher, var = ("accelerate launch", accelerate_vars[0]) if accelerate_vars else ("torchrun", torch_vars[0])
+    return (f"{launcher} started this process ({var} is set) but WORLD_SIZE is "
+            f"{'not set' if world is None else world}: only one process runs. "
+            "For N processes: torchrun --nproc_per_node N -m sensitivity_lora ..., or "
+            "accelerate launch --multi_gpu --num_processes N -m sensitivity_lora ... "
+            "(accelerate's --cpu starts a single process unless it is given --mpirun_hostfile)")
+
+
 def compute_device() -> torch.device:
     """The device this rank should calibrate on (its GPU under NCCL, else the CPU)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

@@ -1,4 +1,4 @@
-"""``python -m sensitivity_lora.cli ...``: the same as the ``sensitivity-lora`` command."""
+"""``python -m sensitivity_lora.cli ...``: the same as ``sensitivity-lora`` (and ``python -m sensitivity_lora``)."""
 import sys
 
 from . import main

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import options
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = "sensitivity_lora_out"
 WEIGHTS_FILE = "initial_weights.safetensors"
@@ -13,7 +20,6 @@ WEIGHTS_FILE = "initial_weights.safetensors"
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("allocate", help="calibrate a model on text and allocate LoRA ranks",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Calibrate a model on text, score every target matrix by its Hessian "
                                    "sensitivity and allocate LoRA ranks. With no --model/--data: SmolLM2-135M "
                                    "on BBC News articles.")
@@ -21,13 +27,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--avg-rank", type=options.positive_float, default=8.0,
                    help="average LoRA rank r̄ (budget = r̄ × #modules)")
     options.add_allocation_settings(p)
-    p.add_argument("--lora-alpha", type=options.positive_float, help="lora_alpha of uniform LoRA at rank r̄ (default 2·r̄)")
+    p.add_argument("--lora-alpha", type=options.positive_float, help="lora_alpha of uniform LoRA at rank r̄ (default: 2·r̄)")
     p.add_argument("--streaming", action="store_true",
                    help="run the model one block at a time (same result; holds one block's Hessians)")
-    p.add_argument("--checkpoint-dir", help="save finished blocks here and resume from them (implies --streaming)")
+    p.add_argument("--checkpoint-dir", help="save finished blocks here and resume from them (implies "
+                                            "--streaming; default: none)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     p.add_argument("--no-plot", action="store_true", help="do not write ranks.png")
     p.add_argument("--no-verify", action="store_true", help="skip building the PEFT model to verify the ranks")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object, and nothing else, on stdout (the human-readable "
+                        "messages go to stderr)")
     p.set_defaults(func=cmd_allocate)
 
     c = sub.add_parser("compare", help="Kendall τ-b between the θ orderings of two allocations")
@@ -40,6 +50,18 @@ OUTPUTS = ("allocation.json", "adapter_config.json", WEIGHTS_FILE, "ranks.png") 
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
+    """Allocate (see :func:`_allocate`), then the rank table on stdout, or with --json the summary."""
+    if not args.json:
+        run = _allocate(args)
+        print(_text(run))
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):  # whatever prints on the way cannot reach the JSON
+        run = _allocate(args)
+    print(json.dumps(_summary(run), indent=2, allow_nan=False))
+    return 0
+
+
+def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate, allocate, build and check every output, then write them all at once.
 
     Order: options checked → the output folder locked (OutputInUseError for a second run) →
@@ -52,7 +74,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from ..errors import MissingPackageError
     from ..files import FileSet, ensure_output_folder, output_lock
     from ..peft import check_lora_alpha, lora_config, lora_config_json
-    from ..report import plot_ranks, rank_table
+    from ..report import plot_ranks
     from ..settings import check_avg_rank
 
     settings = options.allocation_settings(args)  # bad settings fail before the model is loaded
@@ -63,6 +85,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with output_lock(args.out) as out, FileSet(out, replaces=OUTPUTS) as files:
         model, _, texts, batches = options.load_model_and_batches(args)
+        logger.debug("%d calibration samples in %d batches; %s", len(texts), len(batches), settings)
         t1 = time.perf_counter()
         allocation = compute_allocation(model, batches, args.avg_rank, settings,
                                         target_modules=options.targets(args), backend=options.backend(args),
@@ -82,28 +105,45 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         if allocation.initial_weights is not None:
             allocation.save_initial_weights(files.path(WEIGHTS_FILE))
         files.write_text("adapter_config.json", lora_config_json(config))
-        plotted = False
         if not args.no_plot:
             try:
                 plot_ranks(allocation, files.path("ranks.png"))
-                plotted = True
             except MissingPackageError as exc:
                 files.forget("ranks.png")
-                print(f"skipped ranks.png: {exc}")
+                logger.warning("skipped ranks.png: %s", exc)
         if not args.no_verify:
             _verify(model, allocation, files.staging)
         files.commit()  # everything is built and checked: the new set replaces the old one
-    print(rank_table(allocation))
-    if not args.no_verify:
-        print("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks"
-              + (" and takes the initial weights" if allocation.initial_weights is not None else ""))
-    written = [n for n in OUTPUTS if n in files.names]
-    if settings.init != "none":
-        print(f"initialisation: {settings.init} (A from the calibration's input statistics, B = 0; "
-              f"{allocation.settings.get('decompositions')} decompositions)")
-    print(f"calibration + scoring {t2 - t1:.1f} s on {len(texts)} samples (total {time.perf_counter() - t0:.1f} s); "
-          f"wrote {', '.join(str(out / f) for f in written)}")
-    return 0
+    written = [str(out / n) for n in OUTPUTS if n in files.names]
+    logger.info("calibration + scoring %.1f s on %d samples (total %.1f s); wrote %s",
+                t2 - t1, len(texts), time.perf_counter() - t0, ", ".join(written))
+    return {"allocation": allocation, "init": settings.init, "verified": not args.no_verify, "written": written,
+            "seconds": {"calibration_and_scoring": round(t2 - t1, 3), "total": round(time.perf_counter() - t0, 3)}}
+
+
+def _text(run: dict[str, Any]) -> str:
+    """The rank table and what was verified and initialised, for people."""
+    from ..report import rank_table
+
+    allocation = run["allocation"]
+    lines = [rank_table(allocation)]
+    if run["verified"]:
+        lines.append("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks"
+                     + (" and takes the initial weights" if allocation.initial_weights is not None else ""))
+    if run["init"] != "none":
+        lines.append(f"initialisation: {run['init']} (A from the calibration's input statistics, B = 0; "
+                     f"{allocation.settings.get('decompositions')} decompositions)")
+    return "\n".join(lines)
+
+
+def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The --json object: ranks, budget, settings, what was written (timings only here, never in the files)."""
+    allocation = run["allocation"]
+    return {"method": allocation.method, "avg_rank": allocation.avg_rank, "budget": allocation.budget,
+            "budget_mode": allocation.budget_mode, "rank_sum": allocation.total_rank(),
+            "trainable_params": allocation.trainable_params(), "n_modules": len(allocation.modules),
+            "ranks": allocation.ranks(), "init": run["init"], "verified": run["verified"],
+            "settings": allocation.settings, "outputs": run["written"], "seconds": run["seconds"]}
 
 
 def _verify(model, allocation, folder: Path) -> None:

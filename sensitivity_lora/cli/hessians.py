@@ -2,24 +2,26 @@
 
     sensitivity-lora hessians --out hessians/                      # SmolLM2 on BBC text, full H
     sensitivity-lora hessians --out h/ --model M --data D --resume # continue an interrupted run
-    torchrun --nproc_per_node 2 -m sensitivity_lora.cli hessians --out h/   # data-parallel
+    torchrun --nproc_per_node 2 -m sensitivity_lora hessians --out h/       # data-parallel
 
 Read them back with ``sensitivity_lora.load_hessians(DIR, convention=...)``.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 from ..settings import HESSIAN_MODES
 from . import options
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
     """Register ``hessians`` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "hessians", help="calibrate and export per-input-group Hessians (safetensors)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Calibrate a model on text, block by block, and write one safetensors file per input group "
                     "(raw fp64 Σxxᵀ, Σx² and Σx, token/sequence counts, member modules, normalisation in the "
                     "metadata) plus index.json. Under torchrun/accelerate launch the batches are sharded over "
@@ -27,8 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     options.add_model_and_data(p)
     p.add_argument("--hessian", choices=HESSIAN_MODES, default="full", help="diag writes only Σx² and Σx")
-    p.add_argument("--device", help="where blocks run (e.g. cuda); weights stay where loaded and visit it in turn")
-    p.add_argument("--cache-device", help="where hidden states wait between blocks (e.g. cpu)")
+    p.add_argument("--device", help="where blocks run (e.g. cuda); weights stay where loaded and visit it in turn "
+                                    "(default: where the model is; under torchrun with NCCL, each rank's GPU)")
+    p.add_argument("--cache-device", help="where hidden states wait between blocks, e.g. cpu (default: --device)")
     p.add_argument("--no-streaming", action="store_true", help="one pass with hooks on the whole model")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -39,7 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_hessians(args: argparse.Namespace) -> int:
-    from ..calibration.distributed import compute_device, init_from_env, rank_and_world
+    from ..calibration.distributed import compute_device, init_from_env, rank_and_world, single_process_warning
     from ..calibration.validate import check_device
     from ..files import ensure_output_folder
     from ..hessians import export_hessians
@@ -49,6 +52,8 @@ def cmd_hessians(args: argparse.Namespace) -> int:
     check_export_folder(args.out, args.resume, args.overwrite)  # before the model is loaded
     ensure_output_folder(args.out, "export folder")
     distributed = init_from_env()
+    if not distributed and (warning := single_process_warning()):
+        logger.warning(warning)
     rank, world = rank_and_world()
     device = args.device or (str(compute_device()) if distributed else None)
     t0 = time.perf_counter()
@@ -60,7 +65,7 @@ def cmd_hessians(args: argparse.Namespace) -> int:
                     progress=not args.quiet and rank == 0, settings=settings, device=device,
                     cache_device=args.cache_device)
     if rank == 0:
-        print(f"wrote the Hessians of {len(texts)} samples to {args.out} ({world} process(es), "
-              f"{time.perf_counter() - t0:.1f} s); load them with "
-              "sensitivity_lora.load_hessians(DIR, convention='2/tokens')")
+        logger.info("wrote the Hessians of %d samples to %s (%d process(es), %.1f s); load them with "
+                    "sensitivity_lora.load_hessians(DIR, convention='2/tokens')",
+                    len(texts), args.out, world, time.perf_counter() - t0)
     return 0

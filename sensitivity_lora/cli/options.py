@@ -11,6 +11,26 @@ BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; one that says it already ("default: ...") or a
+    required one is left as it is. Lists are shown as typed (``0 1 2``), flags as ``off``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+                or "default:" in text:
+            return text
+        return f"{text} (default: {shown_default(action.default)})"
+
+
+def shown_default(value: Any) -> str:
+    if value is False:
+        return "off"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
+    return str(value).replace("%", "%%")  # argparse %-formats help strings
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -73,10 +93,11 @@ def add_model_and_data(p: argparse.ArgumentParser, max_samples: int = 64, seq_le
     targets = p.add_mutually_exclusive_group()
     targets.add_argument("--target-modules", nargs="+", help="module names as PEFT matches them (e.g. q_proj v_proj); "
                                                         "default: every linear layer in the transformer blocks")
-    targets.add_argument("--target-regex", help="a regex matched against full module names (instead of --target-modules)")
+    targets.add_argument("--target-regex", help="a regex matched against full module names, instead of "
+                                                "--target-modules (default: none)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype for calibration (default: as stored)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="kernel backend")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="kernel backend (auto: the compiled one for the device, else the reference)")
 
 
 def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -> None:
@@ -92,7 +113,7 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -
     p.add_argument("--r-min", type=whole_number, default=d.r_min, help="smallest rank")
     p.add_argument("--rho", type=positive_or_inf, default=d.rho,
                    help="rank cap ρ: r_max = min(d_in, d_out, ρ·r̄); 'inf' = none")
-    p.add_argument("--r-max", type=whole_number, default=d.r_max, help="absolute rank cap (overrides --rho)")
+    p.add_argument("--r-max", type=whole_number, default=d.r_max, help="absolute rank cap, overrides --rho (default: none)")
     p.add_argument("--budget-mode", choices=BUDGET_MODES, default=d.budget_mode,
                    help="rank: Σ r = r̄·M; params: the LoRA parameter count of uniform LoRA")
     p.add_argument("--tiers", type=whole_number, default=d.tiers, help="PRA tiers")
