@@ -7,6 +7,7 @@ start=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sl-sdist.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TRITON_SPEC=${TRITON_SPEC:-triton==3.8.0}  # the tested version, from local disk (the extras say >=3.8)
 PY=.venv/bin/python
 "$PY" -m pip install -q build
 SENSITIVITY_LORA_SKIP_EXT=1 "$PY" -m build --sdist --no-isolation -o "$WORK/dist" >"$WORK/sdist.log" 2>&1 ||
@@ -16,6 +17,7 @@ python3 -m venv "$WORK/venv"
 V="$WORK/venv/bin/python"
 "$V" -m pip install -q --upgrade pip setuptools wheel ninja
 "$V" -m pip install -q "$TORCH_SPEC"
+"$V" -m pip install -q "$TRITON_SPEC"
 "$V" -m pip install -q --no-build-isolation "$SDIST[test]" >"$WORK/install.log" 2>&1 ||
   { tail -30 "$WORK/install.log"; echo "sdist_check: FAILED: installing the sdist failed" >&2; exit 1; }
 mkdir "$WORK/run" && tar xzf "$SDIST" -C "$WORK/run" --strip-components=1 --wildcards '*/tests/*'

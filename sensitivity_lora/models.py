@@ -238,7 +238,7 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
                              "written by save_pretrained, or a .gguf file") from exc
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, ImportError) as exc:  # ImportError: a converter's package missing
             raise ValueError(f"{folder} has no tokenizer AutoTokenizer can load ({exc}): save the tokenizer "
                              "beside the model (tokenizer.save_pretrained(folder))") from exc
         model = _load_weights(_model_class(config, task), folder, kwargs)
