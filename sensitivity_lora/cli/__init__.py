@@ -102,7 +102,7 @@ def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import allocate, evaluate, hessians
+    from . import allocate, eva, evaluate, hessians
     from .options import HelpFormatter
 
     parser = _Parser(prog="sensitivity-lora", description=__doc__)
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="what to do (sensitivity-lora COMMAND --help lists its options)")
     allocate.add_parsers(sub)
     hessians.add_parser(sub)
+    eva.add_parser(sub)
     evaluate.add_parser(sub)
     for child in parsers(parser):
         child.formatter_class = HelpFormatter
