@@ -1,0 +1,125 @@
+"""TsqLoRA's quality score: batched per-sample gradients and loss drops against loops of single-sample passes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_batches, tiny_llama
+from sensitivity_lora.training.per_sample import losses_after_steps, per_sample_gradients, sample_losses
+from sensitivity_lora.training.quality import QualityConfig, chunks, normalise, score_candidates
+
+torch.set_num_threads(1)
+
+
+def lora_llama(seed: int = 0, bias: str = "none"):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, bias=bias)  # random B: both A and B get gradients
+    torch.manual_seed(seed)
+    return get_peft_model(tiny_llama(seed), config).eval()
+
+
+def labelled(batch: dict) -> dict:
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {**batch, "labels": labels}
+
+
+def rows(batch: dict, i: int) -> dict:
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def loop_gradients(model, batch):
+    """The reference: one forward and backward per row."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        one = rows(batch, i)
+        inputs = {k: v for k, v in one.items() if k != "labels"}
+        loss = sample_losses(model, model(**inputs), one).sum()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        out.append((float(loss), {n: g for n, g in zip(params, grads)}))
+    return out
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_per_sample_gradients_equal_a_loop_of_single_sample_backward_passes(bias):
+    model = lora_llama(bias=bias)
+    batch = labelled(random_batches(1, batch=5, seq=10)[0])
+    grads = per_sample_gradients(model, batch)
+    reference = loop_gradients(model, batch)
+    norms = grads.sq_norms()
+    for i, (loss, ref) in enumerate(reference):
+        assert grads.losses[i].item() == pytest.approx(loss, rel=1e-5)
+        assert norms[i].item() == pytest.approx(sum(float(g.pow(2).sum()) for g in ref.values()), rel=1e-4)
+    # every LoRA tensor's per-sample gradient, not only the norms
+    for name, per in grads.weights.items():
+        ref = reference[2][1][name + ".weight"]
+        torch.testing.assert_close(per[2], ref, rtol=1e-4, atol=1e-6)
+    gram = grads.gram()
+    flat = [torch.cat([g.flatten() for g in ref.values()]) for _, ref in reference]
+    torch.testing.assert_close(gram[0, 3], flat[0] @ flat[3], rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())  # no parameter's .grad was touched
+
+
+def test_exact_loss_drop_equals_the_real_sgd_step_of_each_sample():
+    model = lora_llama()
+    batch = labelled(random_batches(1, batch=4, seq=10)[0])
+    grads = per_sample_gradients(model, batch)
+    etas = torch.tensor([0.05, 0.1, 0.2, 0.4])
+    batched = losses_after_steps(model, batch, grads, etas)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for i, (_, ref) in enumerate(loop_gradients(model, batch)):
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p -= etas[i] * ref[n]
+            one = rows(batch, i)
+            after = sample_losses(model, model(**{k: v for k, v in one.items() if k != "labels"}), one)
+            for n, p in params.items():
+                p.copy_(saved[n])
+        assert batched[i].item() == pytest.approx(after.item(), rel=1e-5)
+
+
+def test_first_order_loss_drop_is_eta_times_grad_norm_for_small_steps():
+    model = lora_llama().double()  # fp64: the second-order remainder is far below rounding
+    batch = labelled(random_batches(1, batch=3, seq=10)[0])
+    grads = per_sample_gradients(model, batch)
+    norms = grads.sq_norms()
+    errors = {}
+    for eta in (1.0, 1e-2, 1e-3):
+        drop = grads.losses - losses_after_steps(model, batch, grads, torch.full((3,), eta, dtype=torch.float64))
+        errors[eta] = (drop / (eta * norms) - 1).abs()
+    # small steps: η‖∇ℓ‖² is the drop (the softmax's fp32 upcast in attention limits how close it gets);
+    # a large step: the curvature the exact Δℓ adds shows
+    assert torch.all(errors[1e-2] < 0.05) and torch.all(errors[1e-3] < 0.01), errors
+    assert errors[1.0].max() > 0.3, errors
+
+
+def test_score_candidates_terms_and_normalisation():
+    model = lora_llama()
+    data = labelled(random_batches(1, batch=7, seq=10)[0])
+    make_batch = lambda idx: {k: v[list(idx)] for k, v in data.items()}  # noqa: E731
+    model.train()
+    terms = score_candidates(model, make_batch, list(range(7)), QualityConfig(chunk_size=4))
+    assert model.training  # the mode is restored
+    assert terms.step_size > 0 and len(terms.indices) == 7
+    q = terms.score((1.0, 1.0, 1.0))
+    assert q.shape == (7,) and torch.isfinite(q).all()
+    z = normalise(terms.grad_sq)
+    assert abs(float(z.mean())) < 1e-9 and float(z.pow(2).mean()) == pytest.approx(1.0)
+    assert normalise(torch.ones(5)).abs().max() == 0
+    # first-order Δℓ is an affine image of ‖∇ℓ‖²: normalised, the two are the same term
+    first = score_candidates(model, make_batch, list(range(7)), QualityConfig(chunk_size=4, delta_loss="first-order"))
+    torch.testing.assert_close(normalise(first.delta_loss), normalise(first.grad_sq))
+    assert [len(c) for c in chunks(list(range(17)), 16)] == [9, 8]
+
+
+@pytest.mark.parametrize("bad", [{"alphas": (1, 2)}, {"temperature": 0}, {"refresh_every": 0},
+                                 {"pool_size": 0}, {"step_size": -1.0}, {"delta_loss": "second"}])
+def test_quality_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        QualityConfig(**bad)
+    assert QualityConfig(temperature=math.inf).temperature == math.inf
