@@ -16,6 +16,8 @@ A matrices) are chosen:
   with the ranks EVA chose, to tell the two effects apart.
 - ``adalora``: PEFT's AdaLoRA, initial rank ⌈1.5 r̄⌉ pruned during training to
   a final average of r̄ (its budget schedule needs the total step count).
+- ``hyperadalora``: AdaLoRA's P Λ Q written by a small attention hypernetwork
+  (:mod:`sensitivity_lora.hyperadalora`), the same ⌈1.5 r̄⌉ → r̄ budget and schedule.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from .budget import adapter_ranks
 class Method:
     name: str
     kind: str  # "uniform" | "sensitivity" (the package's API, with or without an init) | "eva" | "eva-ranks" | "adalora"
+    #          | "hyperadalora"
     allocation: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -68,6 +71,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("eva-ranks", "eva-ranks", {"rho": 2.0}, "plain LoRA (standard init) with the ranks EVA (ρ = 2) chose: "
            "EVA's ranks alone"),
     Method("adalora", "adalora", {}, "PEFT AdaLoRA, init ⌈1.5 r̄⌉ → final r̄"),
+    Method("hyperadalora", "hyperadalora", {}, "HyperAdaLoRA: AdaLoRA's P Λ Q from an attention hypernetwork, "
+           "init ⌈1.5 r̄⌉ → final r̄"),
 )}
 
 
@@ -92,8 +97,11 @@ class Adapted:
     setup_seconds: float  # calibration + allocation (+ EVA's SVD); 0 for uniform
     after_step: Callable[[int], None] | None = None
     allocation: Any = None  # the sensitivity Allocation, when there is one
+    read_ranks: Callable[[list[str]], dict[str, int]] | None = None  # a model without PEFT LoRA layers says itself
 
     def ranks(self) -> dict[str, int]:
+        if self.read_ranks is not None:
+            return self.read_ranks(self.targets)
         return adapter_ranks(self.peft_model, self.targets)
 
 
@@ -122,6 +130,7 @@ def build_adapted(
     common = {"task_type": task_type} if task_type else {}
     after_step = None
     allocation = None
+    read_ranks = None
     start = time.perf_counter()
     if method.kind == "uniform":
         from peft import LoraConfig
@@ -145,10 +154,18 @@ def build_adapted(
         peft_model = get_peft_model(model, lora_config_from_ranks(ranks, avg_rank, alpha, **common))
     elif method.kind == "adalora":
         peft_model, after_step = _adalora(model, avg_rank, alpha, targets, total_steps, common)
+    elif method.kind == "hyperadalora":
+        from ..hyperadalora import get_hyperadalora_model
+
+        phases = adalora_schedule(total_steps)  # the same phases as ``adalora``
+        peft_model = get_hyperadalora_model(model, avg_rank, total_steps, lora_alpha=alpha, target_modules=targets,
+                                            tinit=phases["tinit"], tfinal=phases["tfinal"],
+                                            delta_t=phases["deltaT"], **dict(method.allocation))
+        after_step, read_ranks = peft_model.update_and_allocate, peft_model.ranks
     else:  # pragma: no cover - METHODS only holds the kinds above
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
-    return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation)
+    return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks)
 
 
 def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,
