@@ -26,6 +26,7 @@ def block_statistics(
     cache_device: torch.device | str | None = None,
     progress: bool = True,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    sequential: bool = False,
 ) -> Iterator[BlockStatistics]:
     """Finalised statistics block by block (``streaming``) or as one part for the whole model.
 
@@ -36,6 +37,8 @@ def block_statistics(
       also store their statistics; off for exports, whose own files hold them). A folder
       written by a run with other model weights, data or settings is refused
       (``fingerprint_extra``: the caller's settings, recorded and compared too).
+    sequential: the consumer may change each block before its outputs feed the next block
+      (``iter_block_statistics``; GPTQ's sequential quantisation).
     """
     rank, world = rank_and_world() if distributed else (0, 1)
     reduce = None
@@ -48,4 +51,5 @@ def block_statistics(
         checkpoint = kind(checkpoint_dir, store=checkpoint_store)
     return iter_block_statistics(model, batches, target_modules, hessian, backend, streaming=streaming,
                                  device=device, cache_device=cache_device, checkpoint=checkpoint, reduce=reduce,
-                                 progress=progress and rank == 0, fingerprint_extra=fingerprint_extra)
+                                 progress=progress and rank == 0, fingerprint_extra=fingerprint_extra,
+                                 sequential=sequential)

@@ -33,14 +33,11 @@ from ..settings import HESSIAN_MODES
 from .fingerprint import run_fingerprint
 from .forward import forward_kwargs, model_device, prepare_batch, preserved_state, run_model
 from .hooks import StatisticsHooks
+from .offload import StreamingUnsupported, on_device, outside_blocks
 from .one_pass import calibrate
 from .statistics import CalibrationStatistics
 from .targets import block_containers, module_dims, resolve_targets
 from .validate import check_backend, check_batches, check_device, check_model, real_rows
-
-
-class StreamingUnsupported(Exception):
-    """This model cannot be streamed block by block (the message says why); the caller falls back."""
 
 
 class _StopForward(Exception):
@@ -54,6 +51,7 @@ class BlockStatistics:
     index: int
     stats: CalibrationStatistics
     from_checkpoint: bool = False
+    block: nn.Module | None = None  # the block itself (sequential mode: the consumer may change it)
 
 
 @dataclass
@@ -200,8 +198,8 @@ def _capture(model: nn.Module, plan: StreamPlan, batches: Iterable, last: int, d
 
 
 def _run_block(block: nn.Module, index: int, cached: _CachedBatch, device: torch.device,
-               cache_device: torch.device, hooks: StatisticsHooks | None) -> None:
-    """Run ``block`` on one cached batch and store its output as the next block's input."""
+               cache_device: torch.device, hooks: StatisticsHooks | None, keep: bool = True) -> None:
+    """Run ``block`` on one cached batch and (``keep``) store its output as the next block's input."""
     hidden = cached.hidden.to(device, non_blocking=True)
     if hooks is not None:
         hooks.context.set(cached.mask, cached.n_sequences, cached.n_tokens)
@@ -210,44 +208,12 @@ def _run_block(block: nn.Module, index: int, cached: _CachedBatch, device: torch
     out = out[0] if isinstance(out, tuple) else out
     if cached.hidden.shape != out.shape:
         raise StreamingUnsupported(f"block {index} changes the hidden-state shape {tuple(hidden.shape)} → {tuple(out.shape)}")
+    if not keep:
+        return
     if cached.hidden.device == out.device:
         cached.hidden = out
     else:  # reuse the (pinned) cache buffer
         cached.hidden.copy_(out, non_blocking=False)
-
-
-@contextlib.contextmanager
-def _on_device(modules: Sequence[nn.Module], device: torch.device | None) -> Iterator[None]:
-    """Move ``modules`` to ``device`` for the duration (weight offloading); restore after, also on error."""
-    if device is None:
-        yield
-        return
-    homes = []
-    try:
-        for module in modules:
-            home = next((p.device for p in module.parameters()), None)
-            homes.append((module, home))
-            if home is not None and home != device:
-                module.to(device)
-        yield
-    finally:
-        for module, home in homes:
-            if home is not None and home != device:
-                module.to(home)
-
-
-def _outside_blocks(model: nn.Module, container: str) -> list[nn.Module]:
-    """The children on the path to the block list that are not the block list itself (embeddings, norms...)."""
-    out, module, path = [], model, container.split(".")
-    for depth, part in enumerate(path):
-        for name, child in module.named_children():
-            if name != part:
-                out.append(child)
-        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-            raise StreamingUnsupported(f"{'.'.join(path[:depth]) or 'the model'} holds its own parameters; "
-                                       "offloading cannot move them")
-        module = getattr(module, part)
-    return out
 
 
 def iter_block_statistics(
@@ -264,6 +230,7 @@ def iter_block_statistics(
     reduce: Callable[[CalibrationStatistics], None] | None = None,
     progress: bool = True,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    sequential: bool = False,
 ) -> Iterator[BlockStatistics]:
     """Yield the finalised statistics of each block with targets, in order, one block alive at a time.
 
@@ -281,6 +248,13 @@ def iter_block_statistics(
       (distributed all-reduce).
     streaming=False, or a model that cannot stream: one pass over the whole model,
       yielded as a single ``BlockStatistics`` with index -1 (no checkpoint).
+    sequential: each block's statistics are yielded (with ``block``, on ``device``) *before* its
+      outputs are computed; the consumer may change the block while it holds it (e.g. quantise its
+      weights, GPTQ's sequential mode), and the block's outputs, the next block's inputs, are computed
+      from the changed block when the consumer asks for the next one. Changes must be written into the
+      block's tensors in place (``param.copy_(new)``): the model's structure and tensor objects are put
+      back at the end, so a rebound parameter is refused (CalibrationError). Needs streaming; no
+      checkpoint (a resumed run could not redo the consumer's changes). Each block then runs twice.
     """
     if hessian not in HESSIAN_MODES:
         raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
@@ -289,18 +263,23 @@ def iter_block_statistics(
     check_backend(backend, {device or model_device(model)}, hessian)
     names = resolve_targets(model, target_modules)
     batches = check_batches(model, batches)  # every batch checked before any forward pass
+    if sequential and (not streaming or checkpoint is not None):
+        raise ValueError("sequential mode needs streaming=True and no checkpoint (a resumed run could not redo "
+                         "the changes the consumer made to the finished blocks)")
     plan = None
     if streaming:
         try:
             plan = plan_streaming(model, names)
         except StreamingUnsupported as exc:
+            if sequential:
+                raise CalibrationError(f"sequential mode needs a model that streams block by block ({exc})") from exc
             warnings.warn(f"streaming is not possible for this model ({exc}); calibrating in one pass", stacklevel=2)
     if plan is None:
         yield from _one_pass(model, batches, names, hessian, backend, checkpoint, reduce, progress)
         return
     try:
         yield from _stream(model, batches, plan, names, hessian, backend, device, cache_device, checkpoint,
-                           reduce, progress, fingerprint_extra)
+                           reduce, progress, fingerprint_extra, sequential)
     except StreamingUnsupported as exc:
         raise CalibrationError(f"streaming failed on this model ({exc}); pass streaming=False") from exc
 
@@ -315,15 +294,15 @@ def _one_pass(model, batches, names, hessian, backend, checkpoint, reduce, progr
 
 
 def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, cache_device, checkpoint,
-            reduce, progress, fingerprint_extra=None) -> Iterator[BlockStatistics]:
+            reduce, progress, fingerprint_extra=None, sequential=False) -> Iterator[BlockStatistics]:
     home = model_device(model)
     device = torch.device(device) if device is not None else home
     cache_device = torch.device(cache_device) if cache_device is not None else device
     offload = device != home
     last = max(plan.targets)  # blocks after the last one with targets never need to run
     with preserved_state(model):
-        movers = _outside_blocks(model, plan.container) + [plan.blocks[0]] if offload else []
-        with _on_device(movers, device if offload else None):
+        movers = outside_blocks(model, plan.container) + [plan.blocks[0]] if offload else []
+        with on_device(movers, device if offload else None):
             cached, digest = _capture(model, plan, batches, last, device, cache_device, progress)
         done: list[int] = []
         if checkpoint is not None:
@@ -332,14 +311,14 @@ def _stream(model, batches, plan: StreamPlan, names, hessian, backend, device, c
             done = checkpoint.open(fingerprint)  # refuses a folder written with anything else
         try:
             yield from _stream_blocks(plan, cached, done, hessian, backend, device, cache_device, offload,
-                                      checkpoint, reduce, progress)
+                                      checkpoint, reduce, progress, sequential)
         finally:
             if checkpoint is not None:
                 checkpoint.close()
 
 
 def _stream_blocks(plan: StreamPlan, cached, done, hessian, backend, device, cache_device, offload, checkpoint,
-                   reduce, progress) -> Iterator[BlockStatistics]:
+                   reduce, progress, sequential=False) -> Iterator[BlockStatistics]:
     todo = [i for i in plan.targets if i not in done]
     for index in plan.targets:  # finished blocks first (always a prefix: blocks finish in order)
         if index in done:
@@ -350,7 +329,7 @@ def _stream_blocks(plan: StreamPlan, cached, done, hessian, backend, device, cac
     steps = range(0, max(todo) + 1 if todo else 0)
     for index in progress_bar(steps, progress and len(steps) > 1, "blocks", "block"):
         block = plan.blocks[index]
-        with _on_device([block], device if offload else None):
+        with on_device([block], device if offload else None, write_back=sequential):
             if index not in todo:
                 for c in cached:
                     _run_block(block, index, c, device, cache_device, None)
@@ -358,8 +337,14 @@ def _stream_blocks(plan: StreamPlan, cached, done, hessian, backend, device, cac
             targets = plan.targets[index]
             with StatisticsHooks(targets, hessian, backend, device) as hooks:
                 for c in cached:
-                    _run_block(block, index, c, device, cache_device, hooks)
+                    _run_block(block, index, c, device, cache_device, hooks, not sequential)
                 hooks.context.seen.clear()
+            if sequential:
+                yield from _sequential_turn(block, index, hooks.result({n: plan.dims[n] for n in targets}), reduce)
+                del hooks
+                for c in cached if index < steps[-1] else ():  # the next block's inputs, from the changed block
+                    _run_block(block, index, c, device, cache_device, None)
+                continue
         stats = hooks.result({n: plan.dims[n] for n in targets})
         del hooks
         if reduce is not None:
@@ -368,6 +353,21 @@ def _stream_blocks(plan: StreamPlan, cached, done, hessian, backend, device, cac
         if checkpoint is not None:
             checkpoint.save(index, stats)
         del stats
+
+
+def _sequential_turn(block: nn.Module, index: int, stats: CalibrationStatistics,
+                     reduce: Callable[[CalibrationStatistics], None] | None) -> Iterator[BlockStatistics]:
+    """Hand the block and its statistics to the consumer; after its turn, check it wrote in place."""
+    if reduce is not None:
+        reduce(stats)
+    storage = {name: t.data_ptr() for name, t in block.named_parameters()}
+    yield BlockStatistics(index, stats, block=block)
+    changed = [name for name, t in block.named_parameters() if storage.get(name) != t.data_ptr()]
+    if changed or len(storage) != len(dict(block.named_parameters())):
+        raise CalibrationError(
+            f"block {index}: the consumer replaced parameters ({', '.join(changed) or 'added or removed some'}) "
+            "instead of writing into them; the model's tensors are put back after the run, so write in place "
+            "(with torch.no_grad(): param.copy_(new))")
 
 
 def _take(block: BlockStatistics) -> CalibrationStatistics:
