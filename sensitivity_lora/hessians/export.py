@@ -17,6 +17,7 @@ from ..errors import OutputError
 from ..files import output_lock
 from ..settings import HESSIAN_MODES
 from .format import CHECKPOINT_DIR, HessianWriter, check_export_folder
+from .storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, check_storage
 
 
 def export_hessians(model: torch.nn.Module, batches: Iterable, out_dir: str | os.PathLike,
@@ -24,7 +25,7 @@ def export_hessians(model: torch.nn.Module, batches: Iterable, out_dir: str | os
                     backend: str | None = None, *, streaming: bool = True, distributed: bool = False,
                     resume: bool = False, overwrite: bool = False, device: torch.device | str | None = None,
                     cache_device: torch.device | str | None = None, progress: bool = True,
-                    settings: Mapping | None = None) -> Path:
+                    settings: Mapping | None = None, storage_dtype: str = "float64", layout: str = "full") -> Path:
     """Calibrate ``model`` on ``batches`` and write one Hessian file per input group into ``out_dir``.
 
     With ``streaming`` (default) blocks are processed one at a time and each block's
@@ -36,11 +37,14 @@ def export_hessians(model: torch.nn.Module, batches: Iterable, out_dir: str | os
     at the end; ``load_hessians`` refuses an incomplete one. One run per folder (a lock).
     ``distributed``: under torch.distributed, every rank calibrates its shard, the sums are
     all-reduced, rank 0 writes. Everything is checked before the folder is touched.
+    ``storage_dtype`` ("float64" or "float32") and ``layout`` ("full" or "upper"): how Σxxᵀ is stored
+    (``hessians.storage``); the reader gives the full fp64 matrix back either way.
     """
     import torch.distributed as dist
 
     if hessian not in HESSIAN_MODES:
         raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    check_storage(storage_dtype, layout)
     check_device(device), check_device(cache_device, "cache_device")
     check_model(model)
     resolve_targets(model, target_modules)
@@ -48,12 +52,15 @@ def export_hessians(model: torch.nn.Module, batches: Iterable, out_dir: str | os
     out_dir = Path(out_dir)
     check_export_folder(out_dir, resume, overwrite)  # before anything is computed
     rank, world = rank_and_world() if distributed else (0, 1)
-    record = {**dict(settings or {}), **({"world_size": world} if world > 1 else {})}
+    storage = {"storage_dtype": storage_dtype, "layout": layout}
+    # recorded only when not the default, so that resuming an export begun before these options existed still works
+    record = {**dict(settings or {}), **({"world_size": world} if world > 1 else {}),
+              **(storage if (storage_dtype, layout) != (DEFAULT_DTYPE, DEFAULT_LAYOUT) else {})}
     with output_lock(out_dir, "export folder") if rank == 0 else contextlib.nullcontext():
         writer, failure = None, None
         if rank == 0:
             try:
-                writer = HessianWriter(out_dir, record, resume=resume, overwrite=overwrite)
+                writer = HessianWriter(out_dir, record, resume=resume, overwrite=overwrite, **storage)
             except BaseException as exc:  # the other ranks must hear of it, or they wait for rank 0 forever
                 failure = exc
         if world > 1:

@@ -1,7 +1,8 @@
 """Hessians on disk: one safetensors file per input group, readable by other tools.
 
-Each file holds the raw fp64 sums of one input group (``xtx`` = Σ x xᵀ, full and
-symmetric, when calibrated with ``hessian="full"``; ``sumsq`` = Σ x² and ``sum`` = Σ x, always)
+Each file holds the raw sums of one input group (``xtx`` = Σ x xᵀ, full and symmetric, when
+calibrated with ``hessian="full"``: fp64 by default, or fp32 and/or only its upper triangle as
+``xtx_upper``, see ``storage``; ``sumsq`` = Σ x² and ``sum`` = Σ x, always fp64)
 and, in its string metadata, the token and sequence counts, the member module
 names with their (d_in, d_out), and the project's normalisation convention. The
 loader applies any convention of ``calibration.statistics.NORMALISATIONS`` on the way out.
@@ -11,6 +12,10 @@ Nothing is pickled: safetensors for tensors, JSON for everything else.
     export_hessians(model, batches, "hessians/")                 # streams block by block
     H = load_hessians("hessians/", convention="2/sequences")     # GPTQ's convention
     H["model.layers.0.self_attn.q_proj"].hessian                 # (d_in, d_in) fp64
+    export_hessians(model, batches, "h32/", storage_dtype="float32", layout="upper")  # a quarter of the bytes
+
+Format versions: 2 added ``sum``; 3 adds the Σxxᵀ storage options (metadata ``xtx_dtype``,
+``xtx_layout``). Version 2 files are version 3 files with the default storage, and still load.
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ from ..calibration.serialize import check_group, group_from, group_header, group
 from ..calibration.statistics import GroupStatistics, normalisation_factor
 from ..errors import CheckpointMismatchError, FileFormatError, MissingInputError, OutputExistsError
 from ..files import atomic_save_safetensors, atomic_write_json, ensure_output_folder
+from .storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, check_storage, pack, unpack
 
 FORMAT = "sensitivity-lora-hessian"
-FORMAT_VERSION = "2"  # 2: adds ``sum`` (Σx)
+FORMAT_VERSION = "3"  # 2: adds ``sum`` (Σx); 3: Σxxᵀ in fp32 and/or as the upper triangle, on request
+READABLE_VERSIONS = ("2", "3")
 PROJECT_CONVENTION = "2/tokens"
 INDEX_FILE = "index.json"
 CHECKPOINT_DIR = "checkpoint"  # the export's resume record (which blocks are written, and the run's fingerprint)
@@ -44,8 +51,10 @@ def group_filename(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", group) + ".safetensors"
 
 
-def save_group(path: str | os.PathLike, group: GroupStatistics, dims: Mapping[str, tuple[int, int]]) -> Path:
+def save_group(path: str | os.PathLike, group: GroupStatistics, dims: Mapping[str, tuple[int, int]],
+               storage_dtype: str = DEFAULT_DTYPE, layout: str = DEFAULT_LAYOUT) -> Path:
     """Write one input group's Hessian file (see the module docstring for the layout)."""
+    check_storage(storage_dtype, layout)
     path = Path(path)
     header = group_header(group, dims)
     metadata = {
@@ -61,8 +70,10 @@ def save_group(path: str | os.PathLike, group: GroupStatistics, dims: Mapping[st
         "mode": header["mode"],
         "n_tokens": str(header["n_tokens"]),
         "n_sequences": str(header["n_sequences"]),
+        "xtx_dtype": storage_dtype,
+        "xtx_layout": layout,
     }
-    atomic_save_safetensors(path, group_tensors(group), metadata)
+    atomic_save_safetensors(path, pack(group_tensors(group), storage_dtype, layout), metadata)
     return path
 
 
@@ -77,7 +88,9 @@ class HessianWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, settings: Mapping | None = None, *, resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, storage_dtype: str = DEFAULT_DTYPE, layout: str = DEFAULT_LAYOUT) -> None:
+        check_storage(storage_dtype, layout)
+        self.storage = (storage_dtype, layout)
         self.out_dir = ensure_output_folder(out_dir)
         checkpoint = self.out_dir / CHECKPOINT_DIR
         old: dict[str, Any] = {}
@@ -89,14 +102,15 @@ class HessianWriter:
         elif not resume and checkpoint.exists():
             shutil.rmtree(checkpoint)  # a resume record with no export beside it: nothing to keep
         self.index = {"format": FORMAT, "format_version": FORMAT_VERSION, "normalisation": PROJECT_CONVENTION,
-                      "complete": False, "groups": dict(old.get("groups", {})), "modules": dict(old.get("modules", {}))}
+                      "complete": False, "groups": dict(old.get("groups", {})), "modules": dict(old.get("modules", {})),
+                      "xtx_dtype": storage_dtype, "xtx_layout": layout}
         if settings:
             self.index["settings"] = dict(settings)
 
     def write(self, groups: Iterable[GroupStatistics], dims: Mapping[str, tuple[int, int]]) -> None:
         for group in groups:
             name = group_filename(group.name)
-            save_group(self.out_dir / name, group, dims)
+            save_group(self.out_dir / name, group, dims, *self.storage)
             self.index["groups"][group.name] = name
             for member in group.members:
                 self.index["modules"][member] = group.name
@@ -211,11 +225,15 @@ def load_hessian(path: str | os.PathLike, convention: str = PROJECT_CONVENTION,
     meta, tensors = read_safetensors(path, "Hessian file")
     if meta.get("format") != FORMAT:
         raise FileFormatError(f"{path} is not a sensitivity-lora Hessian file (format={meta.get('format')!r})")
+    if meta.get("format_version", "2") not in READABLE_VERSIONS:
+        raise FileFormatError(f"{path} is format version {meta.get('format_version')!r}; this sensitivity-lora reads "
+                              f"versions {', '.join(READABLE_VERSIONS)}: upgrade it, or export again")
     if meta.get("stored") != "raw_sum":
         raise FileFormatError(f"{path} stores {meta.get('stored')!r}; this reader understands only 'raw_sum'")
     if "sum" not in tensors:
         raise FileFormatError(f"{path} has no 'sum' tensor (format version {meta.get('format_version')}); "
                               "export it again with this version of sensitivity-lora")
+    tensors = unpack(meta, tensors, path)  # Σxxᵀ back as the full fp64 matrix, whatever was stored
     members = _json(meta, "members", path)
     member_dims = _json(meta, "member_dims", path, "{}")
     header = {"group": meta.get("group"), "members": members, "member_dims": member_dims,
