@@ -61,6 +61,7 @@ def to_peft_model(model: HyperAdaLoraModel, inplace: bool = False, adapter_name:
     from peft import get_peft_model
 
     ranks = _check_final(model)
+    model.release_updates()  # the last training forward's tensors belong to a graph: they cannot be copied
     if not inplace:
         model = copy.deepcopy(model)
     config = lora_config_from_ranks(ranks, model.hyper_config.avg_rank, model.hyper_config.alpha,

@@ -22,9 +22,9 @@ class HyperLoraLinear(nn.Module):
         self.register_buffer("mask", torch.ones(rank))
         self._update: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def set_update(self, p: torch.Tensor, lam: torch.Tensor, q: torch.Tensor) -> None:
-        """The generated P (d_out × r), masked Λ (r) and Q (r × d_in) the next forward uses."""
-        self._update = (p, lam, q)
+    def set_update(self, *update: torch.Tensor | None) -> None:
+        """The generated P (d_out × r), masked Λ (r) and Q (r × d_in) the next forward uses (None: none)."""
+        self._update = None if update == (None,) else update
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -120,7 +120,15 @@ class HyperAdaLoraModel(nn.Module):
 
     def update_and_allocate(self, step: int) -> int:
         """Call after every ``optimizer.step()`` (step counted from 0): importance, then pruning."""
-        return self.allocator.update_and_allocate(self.masks(), step)
+        budget = self.allocator.update_and_allocate(self.masks(), step)
+        self.release_updates()  # stale after the step; and tensors of a graph cannot be deep-copied
+        return budget
+
+    def release_updates(self) -> None:
+        """Drop the last generated tensors (the next forward generates afresh)."""
+        for layer in self._layers.values():
+            layer.set_update(None)
+        self._current, self._cache_key = {}, None
 
     def finalize_ranks(self) -> None:
         """Fix the final budget now (e.g. a run stopped before the schedule's final phase)."""
