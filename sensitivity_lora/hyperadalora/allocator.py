@@ -60,7 +60,7 @@ class RankAllocator:
         for name, grads in self._grads.items():
             if any(g is None for g in grads) or name not in self._values:
                 continue
-            ipt = [(v * g).abs() for v, g in zip(self._values[name], grads)]
+            ipt = [(v.float() * g.float()).abs() for v, g in zip(self._values[name], grads)]  # fp32 EMAs
             if name not in self._ema_ipt:
                 self._ema_ipt[name] = [torch.zeros_like(t) for t in ipt]
                 self._ema_unc[name] = [torch.zeros_like(t) for t in ipt]

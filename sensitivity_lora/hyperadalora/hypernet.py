@@ -48,13 +48,15 @@ def weight_statistics(weight: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
     rms = w.pow(2).mean().sqrt().clamp_min(1e-12)
 
     def per_chunk(norms: torch.Tensor) -> torch.Tensor:
+        pad = (-norms.numel()) % chunk  # the last chunk may be short: weight its entries by a 0/1 mask
+        values = torch.cat([norms, norms.new_zeros(pad)]).view(-1, chunk)
+        present = torch.cat([torch.ones_like(norms), norms.new_zeros(pad)]).view(-1, chunk)
+        count = present.sum(dim=1)
+        chunk_mean = values.sum(dim=1) / count
+        spread = (((values - chunk_mean[:, None]) ** 2 * present).sum(dim=1) / count).sqrt()
         mean = norms.mean().clamp_min(1e-12)
-        rows = []
-        for start in range(0, norms.numel(), chunk):
-            part = norms[start:start + chunk]
-            spread = part.std(unbiased=False) if part.numel() > 1 else part.new_zeros(())
-            rows.append(torch.stack([(part.mean().clamp_min(1e-12) / mean).log(), spread / mean, rms.log()]))
-        return torch.stack(rows)
+        return torch.stack([(chunk_mean.clamp_min(1e-12) / mean).log(), spread / mean,
+                            rms.log().expand_as(count)], dim=1)
 
     return per_chunk(w.norm(dim=1)), per_chunk(w.norm(dim=0))
 
@@ -126,14 +128,17 @@ class HyperNetwork(nn.Module):
         return self.norm(self.encoder(x, src_key_padding_mask=self.padding))
 
     def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        z = self.tokens()
-        p_all, q_all, lam_all = self.p_head(z), self.q_head(z), self.lambda_head(z)
-        out = {}
-        for m, (spec, (n_p, n_q)) in enumerate(zip(self.specs, self.counts)):
-            p = p_all[m, :n_p].reshape(n_p * self.chunk, self.rank)[: spec.d_out]
-            q = q_all[m, n_p:n_p + n_q].reshape(n_q * self.chunk, self.rank)[: spec.d_in].T
-            out[spec.name] = (p, lam_all[m, n_p + n_q], q)
-        return out
+        z = self.tokens()[~self.padding]  # the real tokens, module by module: P chunks, Q chunks, Λ
+        # heads on the tokens of their role only, one split per role (a slice per module would make
+        # the backward pass write a full-size zero gradient per module)
+        n_p, n_q = [p for p, _ in self.counts], [q for _, q in self.counts]
+        p_all = self.p_head(z[self.role[~self.padding] == ROLE_P]).reshape(-1, self.rank)
+        q_all = self.q_head(z[self.role[~self.padding] == ROLE_Q]).reshape(-1, self.rank)
+        lam_all = self.lambda_head(z[self.role[~self.padding] == ROLE_LAMBDA])
+        ps = p_all.split([n * self.chunk for n in n_p])
+        qs = q_all.split([n * self.chunk for n in n_q])
+        return {spec.name: (p[: spec.d_out], lam, q[: spec.d_in].T)
+                for spec, p, lam, q in zip(self.specs, ps, lam_all.unbind(0), qs)}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

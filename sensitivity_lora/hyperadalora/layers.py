@@ -32,6 +32,8 @@ class HyperLoraLinear(nn.Module):
             raise RuntimeError("this HyperLoraLinear has no generated update: call the model through its "
                                "HyperAdaLoraModel (its forward hook runs the hypernetwork first)")
         p, lam, q = self._update
+        if q.device != x.device:  # a model spread over devices: the generator lives on one of them
+            p, lam, q = p.to(x.device), lam.to(x.device), q.to(x.device)
         h = self.dropout(x).to(q.dtype) @ q.T
         return result + ((h * (lam * self.scale)) @ p.T).to(result.dtype)
 
