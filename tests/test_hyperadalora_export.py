@@ -104,3 +104,12 @@ def test_the_export_reloads_and_merges_in_a_fresh_process_without_this_package(t
     diffs = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"fresh process: max |loaded − trained| = {diffs['loaded']:.3g}, merged {diffs['merged']:.3g}")
     assert diffs["loaded"] < 1e-5 and diffs["merged"] < 1e-4
+
+
+def test_text_generation_reaches_the_base_model_and_matches_the_export():
+    model = trained()
+    prompt = random_batches(1, batch=2, seq=5, pad=False)[0]
+    with torch.no_grad():
+        ours = model.generate(**prompt, max_new_tokens=4, do_sample=False)  # the base model's, with the updates
+        theirs = to_peft_model(model).generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert ours.shape == (2, 9) and torch.equal(ours, theirs)

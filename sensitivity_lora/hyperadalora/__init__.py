@@ -1,4 +1,4 @@
-"""HyperAdaLoRA (arXiv 2510.02630; docs/method.md §12): AdaLoRA's P Λ Q written by a small attention
+"""HyperAdaLoRA (arXiv 2510.02630; docs/method.md §9): AdaLoRA's P Λ Q written by a small attention
 hypernetwork, ranks allocated by pruning the generated Λ, exported as a plain PEFT LoRA adapter.
 
     model = get_hyperadalora_model(base, avg_rank=8, total_steps=1000)
