@@ -53,14 +53,15 @@ def test_a_trainer_run_with_the_quality_sampler_and_dynamic_ranks(tmp_path):
     trainer = TsqLoRATrainer(model=model, args=arguments(tmp_path), train_dataset=data, tsqlora=config)
     result = trainer.train()
     callback = trainer.tsqlora
-    assert [h["step"] for h in callback.history] == [0, 4, 8]  # refreshed every K = 4 steps
+    run = callback.run
+    assert [h["step"] for h in run.refreshes] == [0, 4, 8]  # refreshed every K = 4 steps
     assert len(callback.sampler.pool) == 12 and callback.sampler.probs.max() > 2 * callback.sampler.probs.min()
     used = callback.sampler
     loader = trainer.get_train_dataloader()  # the Trainer's loader draws from the sampler the callback refreshes
     assert isinstance(loader.batch_sampler.sampler, QualitySampler) and loader.batch_sampler.sampler is callback.sampler
     assert callback.sampler is not used  # a new loader rebinds the callback to its own sampler
-    assert 0 < callback.scoring_seconds < result.metrics["train_runtime"]
-    dynamic = callback.dynamic
+    assert 0 < run.summary(result.metrics["train_runtime"])["scoring_fraction"] < 1
+    dynamic = run.dynamic
     assert dynamic.change_steps == [4, 8] and len(dynamic.history) == 3
     assert all(sum(h["ranks"].values()) == sum(ranks.values()) for h in dynamic.history)
     assert dynamic.history[-1]["ranks"] != ranks
@@ -82,9 +83,10 @@ def test_the_callback_alone_runs_dynamic_ranks_in_a_plain_trainer(tmp_path):
     callback = TsqLoRACallback(TsqLoRAConfig(quality=None, ranks=RankSchedule(every=3, window=2, stop=1.0)))
     trainer = Trainer(model=model, args=arguments(tmp_path, steps=7), train_dataset=Rows(), callbacks=[callback])
     trainer.train()
-    assert callback.dynamic.change_steps == [3, 6] and callback.history == []
-    assert sum(callback.dynamic.ranks().values()) == 4 * 4
-    assert not callback.dynamic.probe.attached
+    dynamic = callback.run.dynamic
+    assert dynamic.change_steps == [3, 6] and callback.run.refreshes == []
+    assert sum(dynamic.ranks().values()) == 4 * 4 and len(dynamic.history) == 3
+    assert not dynamic.probe.attached
 
 
 def test_tsqlora_trainer_rejects_a_non_trainer_and_bad_configs():

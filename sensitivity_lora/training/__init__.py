@@ -6,10 +6,12 @@ Importing this package imports transformers (the Trainer integration); the piece
 from __future__ import annotations
 
 from .dynamic_ranks import DynamicRanks, RankSchedule
+from .loop import TsqLoRAConfig, TsqLoRARun
 from .quality import QualityConfig, score_candidates
 from .sampler import QualitySampler
 from .sensitivity import first_order_sensitivity, initial_ranks
-from .trainer import TsqLoRACallback, TsqLoRAConfig, TsqLoRATrainer, tsqlora_trainer
+from .trainer import TsqLoRACallback, TsqLoRATrainer, tsqlora_trainer
 
 __all__ = ["DynamicRanks", "QualityConfig", "QualitySampler", "RankSchedule", "TsqLoRACallback", "TsqLoRAConfig",
-           "TsqLoRATrainer", "first_order_sensitivity", "initial_ranks", "score_candidates", "tsqlora_trainer"]
+           "TsqLoRARun", "TsqLoRATrainer", "first_order_sensitivity", "initial_ranks", "score_candidates",
+           "tsqlora_trainer"]

@@ -36,10 +36,14 @@ class SensitivityProbe:
     quality scorer's own passes)."""
 
     def __init__(self, modules: Mapping[str, nn.Module], adapter_name: str = "default",
-                 training_only: bool = False) -> None:
+                 training_only: bool = False, force_grad: bool = False) -> None:
         self.modules = dict(modules)
         self.adapter_name = adapter_name
         self.training_only = training_only
+        # force_grad: in a frozen model no output needs a gradient; adding this zero leaf makes it need one
+        # (y + 0 = y exactly), and the gradient then flows through every frozen layer as usual
+        self.force_grad = force_grad
+        self._zero = torch.zeros((), requires_grad=True)
         self._handles: list = []
         self.reset()
 
@@ -62,12 +66,17 @@ class SensitivityProbe:
         self._handles = []
 
     def _forward_hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if (self.training_only and not module.training) or not torch.is_grad_enabled() \
-                    or not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
+                    or not isinstance(output, torch.Tensor):
+                return None
+            if not output.requires_grad:
+                if not self.force_grad:
+                    return None
+                output = output + self._zero.to(output.dtype)
             x = inputs[0].detach()
             output.register_hook(lambda grad: self._record(name, module, x, grad))
+            return output
         return hook
 
     @torch.no_grad()
@@ -102,16 +111,11 @@ def first_order_sensitivity(model: nn.Module, batches: Iterable[Mapping[str, tor
     (labelled batches on the model's device; ℓ is the model's own loss). The model comes back
     exactly as it was (modes, flags, no ``.grad`` left)."""
     targets = resolve_targets(model, target_modules)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None:
-        raise ValueError("first-order sensitivity needs a model with get_input_embeddings() (a transformers model)")
     state = ModelState.capture(model)
-    probe = SensitivityProbe({t: model.get_submodule(t) for t in targets})
-    # the gradient must reach every target, yet no weight may need one: the embeddings' output is the leaf
-    handle = embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    probe = SensitivityProbe({t: model.get_submodule(t) for t in targets}, force_grad=True)
     seen = 0
     try:
-        for p in model.parameters():
+        for p in model.parameters():  # no weight needs a gradient: the probe forms each module's G itself
             p.requires_grad_(False)
         model.eval()
         probe.attach()
@@ -124,7 +128,7 @@ def first_order_sensitivity(model: nn.Module, batches: Iterable[Mapping[str, tor
             seen += 1
     finally:
         probe.detach()
-        handle.remove()
+        probe._zero.grad = None
         state.restore()
     if seen == 0:
         raise ValueError("no batches: first-order sensitivity needs at least one labelled batch")

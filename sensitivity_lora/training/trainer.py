@@ -4,97 +4,63 @@
 
 or ``tsqlora_trainer(SFTTrainer)(..., tsqlora=...)`` for another Trainer class. The subclass gives
 the Trainer the quality sampler and adds :class:`TsqLoRACallback`, which scores a candidate
-pool every K optimiser steps and drives the dynamic ranks. The callback alone (without the
-sampler) runs the dynamic ranks in an unmodified Trainer: ``callbacks=[TsqLoRACallback(...)]``.
+pool every K optimiser steps and drives the dynamic ranks (:class:`~.loop.TsqLoRARun` does
+the work). The callback alone runs the dynamic ranks in an unmodified Trainer:
+``callbacks=[TsqLoRACallback(TsqLoRAConfig(quality=None))]``.
+
+A refresh after step t changes the batches drawn from then on; the loader may already hold one
+prefetched batch (accelerate looks one batch ahead; more with ``dataloader_num_workers`` > 0).
 """
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from transformers import Trainer, TrainerCallback
 
-from .dynamic_ranks import DynamicRanks, RankSchedule
-from .per_sample import SampleLossFn
-from .quality import MakeBatch, QualityConfig, score_candidates
+from .loop import TsqLoRAConfig, TsqLoRARun
+from .quality import MakeBatch
 from .sampler import QualitySampler
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TsqLoRAConfig:
-    """What TsqLoRA does during training: ``quality`` (None: plain uniform sampling) and ``ranks``
-    (None: the ranks stay as built). ``loss_fn(model, output, batch)`` gives one loss per row
-    (default: :func:`~sensitivity_lora.training.per_sample.sample_losses`)."""
-
-    quality: QualityConfig | None = field(default_factory=QualityConfig)
-    ranks: RankSchedule | None = field(default_factory=RankSchedule)
-    loss_fn: SampleLossFn | None = None
-    adapter_name: str = "default"
-
-    def __post_init__(self) -> None:
-        if self.quality is not None and not isinstance(self.quality, QualityConfig):
-            raise ValueError(f"quality must be a QualityConfig or None, got {type(self.quality).__name__}")
-        if self.ranks is not None and not isinstance(self.ranks, RankSchedule):
-            raise ValueError(f"ranks must be a RankSchedule or None, got {type(self.ranks).__name__}")
-
-
 class TsqLoRACallback(TrainerCallback):
-    """Scores the pool every K steps (if a sampler is bound) and changes ranks on schedule.
-
-    ``history`` records every refresh (step, seconds, η) and ``scoring_seconds`` their total, so the
-    cost of scoring can be set against the training time; ``dynamic.history`` the rank changes.
-    """
+    """TsqLoRA's events in a Trainer run; ``run`` is the run's :class:`~.loop.TsqLoRARun` once training starts."""
 
     def __init__(self, config: TsqLoRAConfig | None = None) -> None:
         self.config = config or TsqLoRAConfig()
+        if not isinstance(self.config, TsqLoRAConfig):
+            raise ValueError(f"expected a TsqLoRAConfig, got {type(self.config).__name__}")
         self.sampler: QualitySampler | None = None
         self.make_batch: MakeBatch | None = None
-        self.dynamic: DynamicRanks | None = None
-        self.history: list[dict[str, Any]] = []
-        self.scoring_seconds = 0.0
+        self.run: TsqLoRARun | None = None
 
     def bind(self, sampler: QualitySampler, make_batch: MakeBatch) -> None:
         """The sampler to refresh and how to build a labelled batch on the device from dataset rows."""
         self.sampler, self.make_batch = sampler, make_batch
 
-    def refresh(self, model: Any, step: int) -> None:
-        """Score a new candidate pool and hand softmax(Q/τ) to the sampler."""
-        quality = self.config.quality
-        if quality is None or self.sampler is None or self.make_batch is None:
-            return
-        pool = self.sampler.new_pool()
-        terms = score_candidates(model, self.make_batch, pool, quality, self.config.loss_fn)
-        self.sampler.set_scores(terms.indices, terms.score(quality.alphas))
-        self.scoring_seconds += terms.seconds
-        self.history.append({"step": step, "seconds": terms.seconds, "step_size": terms.step_size,
-                             "pool": len(pool), "mean_loss": float(terms.losses.mean())})
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.config.ranks is not None and self.dynamic is None:
-            self.dynamic = DynamicRanks(model, self.config.ranks, self.config.adapter_name, total_steps=state.max_steps)
-        self.refresh(model, state.global_step)
+        config = self.config
+        if self.sampler is None and config.quality is not None:
+            log.warning("TsqLoRA: no quality sampler is bound (use TsqLoRATrainer or tsqlora_trainer(cls)); "
+                        "sampling stays the Trainer's own")
+            config = TsqLoRAConfig(None, config.ranks, config.loss_fn, config.adapter_name)
+        self.run = TsqLoRARun(model, config, state.max_steps, make_batch=self.make_batch, sampler=self.sampler)
+        self.run.refresh(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.dynamic is not None:
-            self.dynamic.step_begin(state.global_step)
+        self.run.before_step(state.global_step)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.dynamic is not None:
-            changes = self.dynamic.step_end(state.global_step, optimizer)
-            if changes:
-                log.info("step %d: ranks changed in %d modules", state.global_step, len(changes))
-        quality = self.config.quality
-        if quality is not None and state.global_step % quality.refresh_every == 0 \
-                and state.global_step < state.max_steps:
-            self.refresh(model, state.global_step)
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        changes = self.run.after_step(state.global_step, optimizer)
+        if changes:
+            log.info("step %d: ranks changed in %d modules", state.global_step, len(changes))
+        if self.run.refresh_due(state.global_step):
+            self.run.refresh(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.dynamic is not None:
-            self.dynamic.probe.detach()
+        self.run.finish()
 
 
 class TsqLoRAMixin:
@@ -108,11 +74,11 @@ class TsqLoRAMixin:
     def _get_train_sampler(self, train_dataset: Any = None):
         quality = self.tsqlora.config.quality
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if quality is None or dataset is None or not hasattr(dataset, "__len__"):
-            if quality is not None:
-                raise ValueError("quality-aware sampling needs a training dataset with a length (not an "
-                                 "IterableDataset); set TsqLoRAConfig(quality=None) to keep only the dynamic ranks")
+        if quality is None:
             return super()._get_train_sampler(train_dataset)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ValueError("quality-aware sampling needs a training dataset with a length (not an "
+                             "IterableDataset); set TsqLoRAConfig(quality=None) to keep only the dynamic ranks")
         sampler = QualitySampler(len(dataset), quality.temperature, quality.pool_size, quality.seed + self.args.seed)
         collate = self._scoring_collator(dataset)
 
@@ -129,7 +95,7 @@ class TsqLoRAMixin:
 
             if isinstance(dataset, datasets.Dataset):
                 return self.data_collator
-        except ImportError:  # pragma: no cover - datasets is a transformers dependency in practice
+        except ImportError:  # pragma: no cover - datasets comes with transformers' training extras
             pass
         return self._get_collator_with_removed_columns(self.data_collator, description="training")
 
@@ -142,8 +108,3 @@ def tsqlora_trainer(trainer_class: type = Trainer) -> type:
 
 
 TsqLoRATrainer = tsqlora_trainer(Trainer)
-
-
-def scoring_fraction(callback: TsqLoRACallback, train_seconds: float) -> float:
-    """The share of training time spent scoring the pools."""
-    return callback.scoring_seconds / train_seconds if train_seconds > 0 else float("nan")
