@@ -155,7 +155,8 @@ def test_orthogonality_penalty_is_in_the_training_loss_only():
     assert gap > 0.5  # P, Q start far from orthonormal: ‖PᵀP − I‖_F ≈ √r
     model.eval(), plain.eval()
     with torch.no_grad():
-        assert torch.equal(model(**batch, labels=batch["input_ids"]).loss, plain(**batch, labels=batch["input_ids"]).loss)
+        labels = batch["input_ids"]
+        assert torch.equal(model(**batch, labels=labels).loss, plain(**batch, labels=labels).loss)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -26,7 +26,8 @@ def _check_final(model: HyperAdaLoraModel) -> dict[str, int]:
                          f"total_steps − tfinal = {config.total_steps - config.tfinal}): train to the "
                          "end of the schedule or call model.finalize_ranks() first")
     if sum(ranks.values()) != model.allocator.target_budget:  # pragma: no cover - the allocator guarantees it
-        raise ValueError(f"the masks keep {sum(ranks.values())} triplets, the budget is {model.allocator.target_budget}")
+        raise ValueError(f"the masks keep {sum(ranks.values())} triplets, "
+                         f"the budget is {model.allocator.target_budget}")
     return ranks
 
 

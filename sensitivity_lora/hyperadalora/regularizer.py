@@ -7,7 +7,8 @@ import torch
 
 
 def orthogonality_penalty(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Mean over every P and every Q of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (PEFT AdaLoRA's form: the norm, not squared).
+    """Mean over every P and every Q of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (PEFT AdaLoRA's form: the norm,
+    not its square).
 
     Computed on all r generated columns / rows, pruned or not, as AdaLoRA does: a pruned triplet
     that comes back while the budget still moves comes back orthogonal to the others.
