@@ -81,7 +81,7 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
     adapted = build_adapted(copy.deepcopy(base_model), method, avg_rank, calibration, train_config.steps,
                             task_type="CAUSAL_LM")
     log = train(adapted.peft_model, lambda idx: {k: v[idx] for k, v in train_data.items()}, len(train_texts),
-                train_config, forward=adapted.forward, after_step=adapted.after_step)
+                train_config, forward=adapted.forward, after_step=adapted.after_step, tsqlora=adapted.tsqlora)
     ranks = adapted.ranks()
     record = {
         "task": "causal_lm", "method": method.name, "avg_rank": avg_rank, "seed": seed,
@@ -91,5 +91,6 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
         "steps": log.steps, "plan_digest": log.plan_digest, "trainable_params_at_start": log.trainable_params,
         "n_train": len(train_texts), "n_eval": len(eval_texts), "ranks": ranks,
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
+        **log.extra,
     }
     return record

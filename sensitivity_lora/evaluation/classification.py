@@ -119,7 +119,9 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
     picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:task.n_calibration]
     calibration = [{k: v[picked[s:s + task.calibration_batch_size]] for k, v in train_enc.items()}
                    for s in range(0, len(picked), task.calibration_batch_size)]
-    adapted = build_adapted(model, method, avg_rank, calibration, train_config.steps)
+    adapted = build_adapted(model, method, avg_rank, calibration, train_config.steps,
+                            calibration_labels=[train_labels[picked[s:s + task.calibration_batch_size]]
+                                                for s in range(0, len(picked), task.calibration_batch_size)])
     for p in adapted.peft_model.base_model.model.head.parameters():
         p.requires_grad_(True)  # the task head trains in every method
 
@@ -127,7 +129,7 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         return {**{k: v[idx] for k, v in train_enc.items()}, "labels": train_labels[idx]}
 
     log = train(adapted.peft_model, make_batch, len(train_set), train_config, forward=adapted.forward,
-                after_step=adapted.after_step)
+                after_step=adapted.after_step, tsqlora=adapted.tsqlora)
     preds = predict(adapted.peft_model, test_enc, task.eval_batch_size)
     ranks = adapted.ranks()
     record = {
@@ -140,6 +142,7 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         "n_train": len(train_set), "n_test": len(test_set),
         "ranks": ranks,
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
+        **log.extra,
     }
     if adapted.allocation is not None:
         record["concentration"] = _concentration(adapted.allocation)

@@ -12,7 +12,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class TrainLog:
     steps: int
     trainable_params: int
     lrs: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # TsqLoRA: scoring cost, refreshes, rank changes
 
 
 def batch_plan(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -89,6 +90,7 @@ def train(
     config: TrainConfig,
     forward: Callable[..., object] | None = None,
     after_step: Callable[[int], None] | None = None,
+    tsqlora: Any = None,
 ) -> TrainLog:
     """Train the parameters of ``model`` that require grad with AdamW.
 
@@ -96,21 +98,35 @@ def train(
     ``forward`` (default ``model``) must return an object with ``.loss``.
     ``after_step(step)`` runs after ``optimizer.step()`` and before the
     gradients are cleared (AdaLoRA's ``update_and_allocate`` needs them).
+    ``tsqlora`` (a ``training.TsqLoRAConfig``): with its quality part each step's rows are drawn
+    by quality score instead of taken from the plan (as many per step), with its ranks part the
+    ranks move after scheduled steps; the digest is of the rows actually used.
     """
     config.validate()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: build the adapter before training")
     forward = forward or model
+    n_params = sum(p.numel() for p in params)
     plan = batch_plan(n_examples, config.batch_size, config.steps, config.seed)
     torch.manual_seed(config.seed)  # dropout masks
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
+    run = None
+    if tsqlora is not None:
+        from ..training.loop import TsqLoRARun
+
+        run = TsqLoRARun(model, tsqlora, config.steps, make_batch=make_batch, n_examples=n_examples, seed=config.seed)
     model.train()
-    losses, lrs = [], []
+    losses, lrs, used = [], [], []
     start = time.perf_counter()
     for step, indices in enumerate(plan):
+        if run is not None:
+            if run.sampler is not None:
+                indices = run.batch(step, len(indices))
+            run.before_step(step)
+        used.append(indices)
         loss = forward(**make_batch(indices)).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower the learning rate")
@@ -123,9 +139,14 @@ def train(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if run is not None and run.after_step(step + 1, optimizer):
+            params = [p for p in model.parameters() if p.requires_grad]  # resized layers: new tensors to clip
     model.eval()
-    return TrainLog(losses=losses, seconds=time.perf_counter() - start, plan_digest=plan_digest(plan),
-                    steps=len(plan), trainable_params=sum(p.numel() for p in params), lrs=lrs)
+    seconds = time.perf_counter() - start
+    if run is not None:
+        run.finish()
+    return TrainLog(losses=losses, seconds=seconds, plan_digest=plan_digest(used), steps=len(plan),
+                    trainable_params=n_params, lrs=lrs, extra=run.summary(seconds) if run is not None else {})
 
 
 def mean_last(values: list[float], fraction: float = 0.2) -> float:

@@ -18,6 +18,10 @@ A matrices) are chosen:
   a final average of r̄ (its budget schedule needs the total step count).
 - ``hyperadalora``: AdaLoRA's P Λ Q written by a small attention hypernetwork
   (:mod:`sensitivity_lora.hyperadalora`), the same ⌈1.5 r̄⌉ → r̄ budget and schedule.
+- ``tsqlora``: TsqLoRA (:mod:`sensitivity_lora.training`, docs/method.md): ranks from first-order
+  sensitivity on the labelled calibration batches, moved during training on AdaLoRA's schedule
+  (Σ r = r̄·M throughout), and training rows drawn by quality score; ``tsqlora-sampling`` is the
+  sampling alone (uniform ranks), ``tsqlora-ranks`` the ranks alone (the shared batch plan).
 """
 from __future__ import annotations
 
@@ -73,6 +77,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adalora", "adalora", {}, "PEFT AdaLoRA, init ⌈1.5 r̄⌉ → final r̄"),
     Method("hyperadalora", "hyperadalora", {}, "HyperAdaLoRA: AdaLoRA's P Λ Q from an attention hypernetwork, "
            "init ⌈1.5 r̄⌉ → final r̄"),
+    Method("tsqlora", "tsqlora", {"sampling": True, "ranks": True},
+           "TsqLoRA: quality-aware sampling + first-order-sensitivity ranks moved during training"),
+    Method("tsqlora-sampling", "tsqlora", {"sampling": True, "ranks": False},
+           "TsqLoRA's quality-aware sampling alone, uniform ranks"),
+    Method("tsqlora-ranks", "tsqlora", {"sampling": False, "ranks": True},
+           "TsqLoRA's dynamic ranks alone, the shared batch plan"),
 )}
 
 
@@ -98,6 +108,7 @@ class Adapted:
     after_step: Callable[[int], None] | None = None
     allocation: Any = None  # the sensitivity Allocation, when there is one
     read_ranks: Callable[[list[str]], dict[str, int]] | None = None  # a model without PEFT LoRA layers says itself
+    tsqlora: Any = None  # a training.TsqLoRAConfig for the training loop (the TsqLoRA methods)
 
     def ranks(self) -> dict[str, int]:
         if self.read_ranks is not None:
@@ -114,11 +125,14 @@ def build_adapted(
     target_modules: str | list[str] | None = None,
     lora_alpha: float | None = None,
     task_type: str | None = None,
+    calibration_labels: list[torch.Tensor] | None = None,
 ) -> Adapted:
     """Wrap ``model`` (modified in place: pass a fresh copy) with ``method``'s adapter.
 
     ``calibration`` is a list of input batches (no labels needed) used by the
     data-driven methods; ``total_steps`` is the training length (AdaLoRA's schedule).
+    TsqLoRA's first-order sensitivity needs labels: ``calibration_labels`` (one tensor per
+    batch), or for a causal LM the batches' own tokens.
     """
     from peft import get_peft_model
 
@@ -162,10 +176,14 @@ def build_adapted(
                                             tinit=phases["tinit"], tfinal=phases["tfinal"],
                                             delta_t=phases["deltaT"], **dict(method.allocation))
         after_step, read_ranks = peft_model.update_and_allocate, peft_model.ranks
+    elif method.kind == "tsqlora":
+        peft_model, tsqlora = _tsqlora(model, method, avg_rank, alpha, targets, total_steps, common,
+                                       _labelled(calibration, calibration_labels, task_type))
     else:  # pragma: no cover - METHODS only holds the kinds above
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
-    return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks)
+    return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks,
+                   tsqlora if method.kind == "tsqlora" else None)
 
 
 def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,
@@ -199,3 +217,37 @@ def _adalora(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], 
                            target_modules=targets, total_step=total_steps, **adalora_schedule(total_steps), **common)
     peft_model = get_peft_model(model, config)
     return peft_model, lambda step: peft_model.base_model.update_and_allocate(step)
+
+
+def _labelled(calibration: list[Mapping[str, torch.Tensor]], labels: list[torch.Tensor] | None,
+              task_type: str | None) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches with labels: the given ones, or a causal LM's own tokens (padding ignored)."""
+    if labels is not None:
+        if len(labels) != len(calibration):
+            raise ValueError(f"{len(labels)} label tensors for {len(calibration)} calibration batches")
+        return [{**b, "labels": y} for b, y in zip(calibration, labels)]
+    if task_type == "CAUSAL_LM":
+        return [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in calibration]
+    raise ValueError("TsqLoRA's first-order sensitivity needs labelled calibration batches: pass calibration_labels")
+
+
+def _tsqlora(model: nn.Module, method: Method, avg_rank: int, alpha: float, targets: list[str], total_steps: int,
+             common: Mapping[str, Any], labelled: list[dict[str, torch.Tensor]]) -> tuple[nn.Module, Any]:
+    """TsqLoRA's adapter and its training-time config: initial ranks from first-order sensitivity and rank
+    changes on AdaLoRA's phases (uniform ranks without), pools rescored about ten times per run."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..peft import lora_config_from_ranks
+    from ..training import QualityConfig, RankSchedule, TsqLoRAConfig, initial_ranks
+
+    schedule = None
+    if method.allocation["ranks"]:
+        ranks = initial_ranks(model, labelled, avg_rank, targets)
+        peft_model = get_peft_model(model, lora_config_from_ranks(ranks, avg_rank, alpha, **common))
+        phases = adalora_schedule(total_steps)
+        schedule = RankSchedule(start=phases["tinit"], every=phases["deltaT"], stop=total_steps - phases["tfinal"],
+                                window=max(1, min(phases["deltaT"], 10)))
+    else:
+        peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
+    quality = QualityConfig(refresh_every=max(1, total_steps // 10)) if method.allocation["sampling"] else None
+    return peft_model, TsqLoRAConfig(quality=quality, ranks=schedule)
