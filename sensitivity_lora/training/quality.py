@@ -47,7 +47,9 @@ class QualityConfig:
     temperature: τ of the sampler, p(x) = softmax(Q/τ); ``math.inf`` is uniform sampling.
     refresh_every: K, the optimiser steps between two scorings.
     pool_size: the candidates scored at each refresh (drawn uniformly, without replacement), or None
-      for the whole training set; the sampler draws from the latest pool.
+      for the whole training set; the sampler draws from the latest pool. A refresh costs about two
+      training steps' compute per ``batch`` rows (forward, backward, stepped forward), so scoring
+      adds roughly 2·pool_size / (refresh_every · batch size) to the training time.
     chunk_size: rows per scoring forward/backward (memory: chunk_size × trainable parameters floats);
       ΔC compares a sample with the other rows of its chunk.
     step_size: η of Δℓ; ``"auto"`` takes η = 0.1 · median ℓ / median ‖∇ℓ‖² of each refresh's first
@@ -60,7 +62,7 @@ class QualityConfig:
     alphas: tuple[float, float, float] = (1.0, 1.0, 1.0)
     temperature: float = 1.0
     refresh_every: int = 50
-    pool_size: int | None = 256
+    pool_size: int | None = 64
     chunk_size: int = 16
     step_size: float | str = "auto"
     delta_loss: str = "exact"
