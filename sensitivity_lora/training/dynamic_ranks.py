@@ -24,17 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_positive_int
 from .resize import check_resizable, resize_lora_layer
 from .sensitivity import SensitivityProbe, ranks_from_scores
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,11 +52,11 @@ class RankSchedule:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("every", self.every)
-        _positive_int("start", self.start, allow_none=True)
-        _positive_int("window", self.window)
-        _positive_int("max_moves", self.max_moves, allow_none=True)
-        _positive_int("r_min", self.r_min)
+        check_positive_int("every", self.every)
+        check_positive_int("start", self.start, allow_none=True)
+        check_positive_int("window", self.window)
+        check_positive_int("max_moves", self.max_moves, allow_none=True)
+        check_positive_int("r_min", self.r_min)
         if isinstance(self.stop, bool) or not isinstance(self.stop, (int, float)) or self.stop <= 0 \
                 or (isinstance(self.stop, float) and self.stop > 1):
             raise ValueError(f"stop must be a step (int ≥ 1) or a fraction of training in (0, 1], got {self.stop!r}")

@@ -28,15 +28,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .checks import check_positive_int, check_positive_number
 from .per_sample import SampleLossFn, losses_after_steps, per_sample_gradients
 
 MakeBatch = Callable[[Sequence[int]], Mapping[str, torch.Tensor]]
-
-
-def _positive(name: str, value: object, allow_inf: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value) or value <= 0 \
-            or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -74,13 +69,12 @@ class QualityConfig:
                                        and a >= 0 for a in alphas):
             raise ValueError(f"alphas must be three non-negative finite numbers (α₁, α₂, α₃), got {self.alphas!r}")
         object.__setattr__(self, "alphas", tuple(float(a) for a in alphas))
-        _positive("temperature", self.temperature, allow_inf=True)
-        for name in ("refresh_every", "chunk_size") + (("pool_size",) if self.pool_size is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_number("temperature", self.temperature, allow_inf=True)
+        check_positive_int("refresh_every", self.refresh_every)
+        check_positive_int("chunk_size", self.chunk_size)
+        check_positive_int("pool_size", self.pool_size, allow_none=True)
         if self.step_size != "auto":
-            _positive("step_size", self.step_size)
+            check_positive_number("step_size", self.step_size)
         if self.delta_loss not in ("exact", "first-order"):
             raise ValueError(f"delta_loss must be 'exact' or 'first-order', got {self.delta_loss!r}")
 

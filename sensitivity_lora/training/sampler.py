@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .quality import _positive
+from .checks import check_positive_int, check_positive_number
 
 
 class QualitySampler(Sampler[int]):
@@ -26,11 +26,9 @@ class QualitySampler(Sampler[int]):
 
     def __init__(self, n_examples: int, temperature: float = 1.0, pool_size: int | None = None, seed: int = 0,
                  num_samples: int | None = None) -> None:
-        if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
-            raise ValueError(f"n_examples must be a positive integer (the dataset is empty?), got {n_examples!r}")
-        _positive("temperature", temperature, allow_inf=True)
-        if pool_size is not None and (isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1):
-            raise ValueError(f"pool_size must be a positive integer or None, got {pool_size!r}")
+        check_positive_int("n_examples (the training rows)", n_examples)
+        check_positive_number("temperature", temperature, allow_inf=True)
+        check_positive_int("pool_size", pool_size, allow_none=True)
         self.n_examples = n_examples
         self.temperature = float(temperature)
         self.pool_size = min(pool_size or n_examples, n_examples)
