@@ -41,6 +41,9 @@ class TsqLoRACallback(TrainerCallback):
         self.sampler, self.make_batch = sampler, make_batch
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.world_size > 1:  # each process would measure its own sensitivity and resize differently
+            raise ValueError(f"TsqLoRA runs in one process (got world_size={args.world_size}): rank changes and "
+                             "pool scores are not synchronised across processes yet")
         config = self.config
         if self.sampler is None and config.quality is not None:
             log.warning("TsqLoRA: no quality sampler is bound (use TsqLoRATrainer or tsqlora_trainer(cls)); "
