@@ -123,3 +123,26 @@ def test_quality_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         QualityConfig(**bad)
     assert QualityConfig(temperature=math.inf).temperature == math.inf
+
+
+def test_per_sample_gradients_of_a_classifier_with_a_trainable_head():
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_bert
+    from sensitivity_lora.evaluation.classification import MeanPoolClassifier
+
+    torch.manual_seed(0)
+    model = get_peft_model(MeanPoolClassifier(tiny_bert(), 3), LoraConfig(r=2, target_modules=["query", "value"],
+                                                                         init_lora_weights=False)).eval()
+    for p in model.base_model.model.head.parameters():
+        p.requires_grad_(True)  # weight and bias: per-sample gradients of both
+    batch = {**random_batches(1, batch=4, seq=8)[0], "labels": torch.tensor([0, 2, 1, 2])}
+    grads = per_sample_gradients(model, batch)
+    assert any(name.endswith("head") for name in grads.biases)
+    norms = grads.sq_norms()
+    for i, (loss, ref) in enumerate(loop_gradients(model, batch)):
+        assert grads.losses[i].item() == pytest.approx(loss, rel=1e-5)
+        assert norms[i].item() == pytest.approx(sum(float(g.pow(2).sum()) for g in ref.values()), rel=1e-4)
+    model.base_model.model.encoder.embeddings.LayerNorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="nn.Linear parameters"):
+        per_sample_gradients(model, batch)

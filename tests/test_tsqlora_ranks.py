@@ -179,3 +179,33 @@ def test_rank_schedule_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         RankSchedule(**bad)
     assert RankSchedule(every=10).steps(100) == [10, 20, 30, 40, 50, 60, 70, 80]
+
+
+def test_direction_scores_rank_directions_by_what_removing_them_does_to_the_loss():
+    from sensitivity_lora.training.sensitivity import SensitivityProbe
+
+    model = peft_llama(r=6)
+    batch = labelled(random_batches(1, batch=4, seq=10, seed=3))[0]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(6):  # B away from 0, so the directions differ
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    probe = SensitivityProbe({"v": layer})
+    probe.attach()
+    loss = model(**batch).loss
+    loss.backward()
+    probe.detach()
+    scores = probe.direction_scores("v")
+    b = layer.lora_B["default"].weight
+    actual = []
+    with torch.no_grad():
+        for i in range(6):
+            saved = b[:, i].clone()
+            b[:, i] = 0
+            actual.append(abs(float(model(**batch).loss) - float(loss)))
+            b[:, i] = saved
+    # the first-order estimate tracks the real change: its least and most important directions agree
+    assert actual[int(scores.argmin())] < actual[int(scores.argmax())]
+    assert actual[int(scores.argmin())] <= sorted(actual)[2]
