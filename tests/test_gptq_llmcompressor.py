@@ -142,5 +142,7 @@ def test_glue_refuses_other_versions_and_bad_arguments(monkeypatch):
         gptq_quantize(tiny_llama(), batches, modifier(), source="somewhere")
     from llmcompressor.modifiers.gptq import GPTQModifier
 
+    with pytest.raises(ValueError, match="weight-only"):
+        gptq_quantize(tiny_llama(), batches, GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]))
     with pytest.raises(TargetError, match="ignore"):  # lm_head is outside the blocks
         gptq_quantize(tiny_llama(), batches, GPTQModifier(config_groups=SCHEME), progress=False)

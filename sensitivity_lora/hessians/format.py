@@ -10,7 +10,7 @@ Nothing is pickled: safetensors for tensors, JSON for everything else.
 
     from sensitivity_lora import export_hessians, load_hessians
     export_hessians(model, batches, "hessians/")                 # streams block by block
-    H = load_hessians("hessians/", convention="2/sequences")     # GPTQ's convention
+    H = load_hessians("hessians/", convention="2/sequences")     # llm-compressor / reference GPTQ (GPTQModel: 2/tokens)
     H["model.layers.0.self_attn.q_proj"].hessian                 # (d_in, d_in) fp64
     export_hessians(model, batches, "h32/", storage_dtype="float32", layout="upper")  # a quarter of the bytes
 

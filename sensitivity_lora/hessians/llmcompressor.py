@@ -21,6 +21,9 @@ count that ``prepare_batch`` divides by) and reads ``_module_names``, as its own
 (``llmcompressor/modifiers/gptq/base.py``, ``calibrate_module``). These are private and may change
 in any release, so other versions are refused (``SUPPORTED``) rather than trusted.
 
+Weight-only schemes (W4A16, W8A16, ...): activation quantisation needs llm-compressor's observers on
+its own calibration passes, so such schemes are refused.
+
 Padding: llm-compressor counts padded positions as inputs; this package drops them. The Hessians
 agree for unpadded batches (llm-compressor's default batch size 1).
 """
@@ -94,6 +97,7 @@ def gptq_quantize(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     if source is not None and sequential:
         raise ValueError("a stored source is one-shot by nature (from the unchanged model): pass sequential=False, "
                          "or batches for the sequential mode")
+    _check_weight_only(modifier)
     state = State(model=model)
     modifier.initialize(state)
     modifier.update_event(state, Event(type_=EventType.CALIBRATION_START))
@@ -108,6 +112,16 @@ def gptq_quantize(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     modifier.update_event(state, Event(type_=EventType.CALIBRATION_END))
     modifier.finalize(state)
     return modifier
+
+
+def _check_weight_only(modifier: Any) -> None:
+    """Activation quantisation needs llm-compressor's own observers on its own calibration passes: refused."""
+    config = modifier.resolve_quantization_config()
+    acting = [name for name, scheme in config.config_groups.items()
+              if scheme.input_activations is not None or scheme.output_activations is not None]
+    if acting or getattr(config, "kv_cache_scheme", None) is not None:
+        raise ValueError(f"scheme {', '.join(acting) or 'kv_cache'} quantises activations; this glue serves "
+                         "weight-only schemes (W4A16, W8A16, ...): run llm-compressor's own oneshot for it")
 
 
 def _from_path(source: Any) -> Any:
