@@ -13,11 +13,11 @@ from sensitivity_lora.training.quality import QualityConfig, chunks, normalise, 
 torch.set_num_threads(1)
 
 
-def lora_llama(seed: int = 0, bias: str = "none"):
+def lora_llama(seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, bias=bias)  # random B: both A and B get gradients
+                        init_lora_weights=False)  # random B: both A and B get gradients
     torch.manual_seed(seed)
     return get_peft_model(tiny_llama(seed), config).eval()
 
@@ -44,9 +44,24 @@ def loop_gradients(model, batch):
     return out
 
 
-@pytest.mark.parametrize("bias", ["none", "lora_only"])
-def test_per_sample_gradients_equal_a_loop_of_single_sample_backward_passes(bias):
-    model = lora_llama(bias=bias)
+def loop_stepped_losses(model, batch, etas):
+    """The reference of the exact Δℓ: each row's SGD step taken on the model, its loss, the step undone."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = []
+    for i, (_, ref) in enumerate(loop_gradients(model, batch)):
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p -= etas[i] * ref[n]
+            one = rows(batch, i)
+            out.append(sample_losses(model, model(**{k: v for k, v in one.items() if k != "labels"}), one))
+            for n, p in params.items():
+                p.copy_(saved[n])
+    return torch.cat(out)
+
+
+def test_per_sample_gradients_equal_a_loop_of_single_sample_backward_passes():
+    model = lora_llama()  # Llama's linears have no bias: biases are tested on BERT below
     batch = labelled(random_batches(1, batch=5, seq=10)[0])
     grads = per_sample_gradients(model, batch)
     reference = loop_gradients(model, batch)
@@ -70,17 +85,7 @@ def test_exact_loss_drop_equals_the_real_sgd_step_of_each_sample():
     grads = per_sample_gradients(model, batch)
     etas = torch.tensor([0.05, 0.1, 0.2, 0.4])
     batched = losses_after_steps(model, batch, grads, etas)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for i, (_, ref) in enumerate(loop_gradients(model, batch)):
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p -= etas[i] * ref[n]
-            one = rows(batch, i)
-            after = sample_losses(model, model(**{k: v for k, v in one.items() if k != "labels"}), one)
-            for n, p in params.items():
-                p.copy_(saved[n])
-        assert batched[i].item() == pytest.approx(after.item(), rel=1e-5)
+    torch.testing.assert_close(batched, loop_stepped_losses(model, batch, etas), rtol=1e-5, atol=1e-6)
 
 
 def test_first_order_loss_drop_is_eta_times_grad_norm_for_small_steps():
@@ -143,6 +148,27 @@ def test_per_sample_gradients_of_a_classifier_with_a_trainable_head():
     for i, (loss, ref) in enumerate(loop_gradients(model, batch)):
         assert grads.losses[i].item() == pytest.approx(loss, rel=1e-5)
         assert norms[i].item() == pytest.approx(sum(float(g.pow(2).sum()) for g in ref.values()), rel=1e-4)
+    # the exact step with per-row head weights and biases, against the step taken row by row
+    etas = torch.full((4,), 0.3)
+    batched = losses_after_steps(model, batch, grads, etas)
+    torch.testing.assert_close(batched, loop_stepped_losses(model, batch, etas), rtol=1e-5, atol=1e-6)
     model.base_model.model.encoder.embeddings.LayerNorm.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="nn.Linear parameters"):
         per_sample_gradients(model, batch)
+
+
+def test_exact_loss_drop_when_only_a_bias_of_a_layer_trains():
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_bert
+    from sensitivity_lora.evaluation.classification import MeanPoolClassifier
+
+    torch.manual_seed(1)
+    model = get_peft_model(MeanPoolClassifier(tiny_bert(), 2), LoraConfig(r=2, target_modules=["query"],
+                                                                         bias="lora_only", init_lora_weights=False))
+    model.eval()
+    batch = {**random_batches(1, batch=3, seq=8)[0], "labels": torch.tensor([0, 1, 1])}
+    grads = per_sample_gradients(model, batch)
+    assert any(name.endswith("base_layer") for name in grads.biases)  # the query layers' own biases
+    batched = losses_after_steps(model, batch, grads, torch.full((3,), 0.2))
+    torch.testing.assert_close(batched, loop_stepped_losses(model, batch, torch.full((3,), 0.2)), rtol=1e-5, atol=1e-6)

@@ -166,10 +166,11 @@ def losses_after_steps(model: nn.Module, batch: Mapping[str, torch.Tensor], grad
     def stepped(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = at_least_fp32(_by_sample(inputs[0], n, name))
-            weight = at_least_fp32(module.weight).unsqueeze(0)
-            if name in grads.weights:
-                weight = weight - eta.to(x)[:, None, None] * grads.weights[name].to(x)
-            y = torch.einsum("nti,noi->nto", x, weight)
+            weight = at_least_fp32(module.weight)
+            if name in grads.weights:  # row n's own weight
+                y = torch.einsum("nti,noi->nto", x, weight - eta.to(x)[:, None, None] * grads.weights[name].to(x))
+            else:  # only the bias trains: the weight is shared
+                y = x @ weight.T
             if module.bias is not None:
                 bias = at_least_fp32(module.bias).unsqueeze(0)
                 if name in grads.biases:
