@@ -94,6 +94,7 @@ def _own_oneshot(tmp_path, batches):
 
 
 def test_sequential_glue_equals_llmcompressors_own_sequential_gptq(tmp_path, spy):
+    from sensitivity_lora.calibration.streaming import iter_block_statistics
     from sensitivity_lora.hessians.llmcompressor import gptq_quantize
 
     batches = random_batches(6, batch=1, seq=16, pad=False)  # llm-compressor's default batch size 1
@@ -107,12 +108,27 @@ def test_sequential_glue_equals_llmcompressors_own_sequential_gptq(tmp_path, spy
     gptq_quantize(tiny_llama(), batches, modifier(), sequential=False, progress=False)
     one_shot = dict(spy)
     assert set(own) == set(ours) == set(one_shot) and len(own) == 14
+    # teacher-forced: the engine's consumer writes llm-compressor's own quantised weights into each block, so
+    # every block sees llm-compressor's inputs: the Hessians must agree to fp32 rounding
+    forced, own_weights = {}, dict(own_model.named_parameters())
+    replay = tiny_llama()
+    for block in iter_block_statistics(replay, batches, list(own), "full", sequential=True, progress=False):
+        members = [m for g in block.stats.groups.values() for m in g.members]
+        forced.update({m: g.hessian("2/sequences").float() for g in block.stats.groups.values() for m in g.members})
+        with torch.no_grad():
+            for m in members:
+                replay.get_submodule(m).weight.copy_(own_weights[m + ".weight"])
     for n in own:
-        assert rel(ours[n], own[n]) < 1e-6, n  # fp32 rounding
+        assert rel(forced[n], own[n]) < 1e-6, n
+    # free-running (the glue's own GPTQ): block 0 has the same inputs; later blocks may drift by GPTQ's
+    # amplification of fp32 rounding (docs/gptq.md), which this tiny model does not show
+    for n in own:
+        assert rel(ours[n], own[n]) < (1e-6 if ".layers.0." in n else 1e-3), n
     # later blocks: the one-shot Hessians (unquantised inputs) are not llm-compressor's
     assert rel(one_shot["model.layers.1.mlp.down_proj"], own["model.layers.1.mlp.down_proj"]) > 1e-3
-    for (n, p), (_, q) in zip(model.named_parameters(), own_model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    quantised = [n + ".weight" for n in own]
+    differ = sum(int((dict(model.named_parameters())[n] != own_weights[n]).sum()) for n in quantised)
+    assert differ / sum(own_weights[n].numel() for n in quantised) < 0.01
     assert hasattr(model.model.layers[0].self_attn.q_proj, "weight_scale")  # its own parameters, filled
 
 
