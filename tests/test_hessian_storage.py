@@ -107,3 +107,21 @@ def test_bad_storage_options_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="storage layout"):
         export_hessians(tiny_llama(), random_batches(1), tmp_path / "x", layout="packed")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_command_writes_the_storage_it_is_asked_for(tiny_llama_dir, tmp_path):
+    from sensitivity_lora.cli import main
+
+    (tmp_path / "texts.txt").write_text("\n".join(f"text {i} about markets and music" for i in range(6)) + "\n")
+    runs = {}
+    for name, extra in (("default", []), ("small", ["--storage-dtype", "float32", "--layout", "upper"])):
+        out = tmp_path / name
+        assert main(["hessians", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "texts.txt"), "--out",
+                     str(out), "--max-samples", "6", "--seq-len", "16", "--batch-size", "3", "-q", *extra]) == 0
+        runs[name] = out
+    assert _bytes(runs["small"]) < _bytes(runs["default"]) / 3  # fp32 and about half the entries
+    small, default = load_hessians(runs["small"], by="group"), load_hessians(runs["default"], by="group")
+    assert small.keys() == default.keys()
+    for group, h in default.items():
+        assert small[group].raw_xtx.dtype == torch.float64
+        torch.testing.assert_close(small[group].raw_xtx, h.raw_xtx, rtol=1e-6, atol=1e-6 * float(h.raw_xtx.abs().max()))

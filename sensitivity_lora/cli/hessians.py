@@ -12,6 +12,7 @@ import argparse
 import logging
 import time
 
+from ..hessians.storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, DTYPES, LAYOUTS
 from ..settings import HESSIAN_MODES
 from . import options
 
@@ -33,6 +34,10 @@ def add_parser(subparsers) -> None:
                                     "(default: where the model is; under torchrun with NCCL, each rank's GPU)")
     p.add_argument("--cache-device", help="where hidden states wait between blocks, e.g. cpu (default: --device)")
     p.add_argument("--no-streaming", action="store_true", help="one pass with hooks on the whole model")
+    p.add_argument("--storage-dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE,
+                   help="dtype of Σxxᵀ on disk (float32 halves the files; read back as float64)")
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="upper: only the upper triangle of Σxxᵀ on disk (about half; read back full)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted export in --out (refused unless model, data and settings "
@@ -63,7 +68,7 @@ def cmd_hessians(args: argparse.Namespace) -> int:
                     streaming=not args.no_streaming, distributed=distributed, resume=args.resume,
                     overwrite=args.overwrite,
                     progress=not args.quiet and rank == 0, settings=settings, device=device,
-                    cache_device=args.cache_device)
+                    cache_device=args.cache_device, storage_dtype=args.storage_dtype, layout=args.layout)
     if rank == 0:
         logger.info("wrote the Hessians of %d samples to %s (%d process(es), %.1f s); load them with "
                     "sensitivity_lora.load_hessians(DIR, convention='2/tokens')",
