@@ -31,10 +31,12 @@ class PartwiseInit:
     def __init__(self, model: nn.Module, avg_rank: float, settings: AllocationSettings) -> None:
         if settings.init == "none":
             raise ValueError("PartwiseInit needs settings.init other than 'none'")
-        if float(avg_rank) != int(avg_rank):
+        own_ranks = settings.init != "covariance"  # eva / output-aware choose ranks by their own whole-rank rule
+        if own_ranks and float(avg_rank) != int(avg_rank):
             raise ValueError(f"init={settings.init!r} needs an integer avg_rank (its rank rule works in whole ranks), "
                              f"got {avg_rank}")
-        self.model, self.avg_rank, self.settings = model, int(avg_rank), settings
+        self.model, self.settings = model, settings
+        self.avg_rank = int(avg_rank) if own_ranks else float(avg_rank)
         self.cap = round(settings.init_rho * self.avg_rank)  # the eva / output-aware rules' cap
         self.scores: dict[str, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] = {}

@@ -244,3 +244,11 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
         model = _load_weights(_model_class(config, task), folder, kwargs)
     _ensure_pad_token(tokenizer, model)
     return model.eval(), tokenizer
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` is a transformers causal LM (a PeftModel: its base model)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -26,7 +26,8 @@ from .batches import as_batches
 from .calibration.model_state import ModelState
 from .data import check_positive
 from .peft import adapter_layers, build_peft_model, lora_config_from_ranks
-from .settings import AllocationSettings
+from .models import is_causal_lm
+from .settings import AUTO_INIT, AllocationSettings, auto_init
 
 _OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data pass: they would override ours
 
@@ -34,7 +35,8 @@ _OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data p
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(AllocationSettings):
     """The allocation settings (every field of :class:`AllocationSettings`; here ``init`` defaults to
-    ``"covariance"``, the initialisation docs/results.md found best) and how calibration reads the data.
+    ``"auto"``: ``covariance`` for a causal LM, ``none`` otherwise, as docs/results.md found) and how
+    calibration reads the data.
 
     seq_len, batch_size, max_samples: how text and tokenised rows are cut and batched (batches
       already made are used as they are); text_field: the text column of a ``datasets.Dataset``.
@@ -43,7 +45,7 @@ class SensitivityConfig(AllocationSettings):
     progress: a progress bar over the calibration batches.
     """
 
-    init: str = "covariance"
+    init: str = AUTO_INIT
     seq_len: int = 256
     batch_size: int = 8
     max_samples: int | None = None
@@ -53,7 +55,12 @@ class SensitivityConfig(AllocationSettings):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        auto = self.init == AUTO_INIT
+        if auto:  # validated as "none"; resolved per model by allocation_settings
+            object.__setattr__(self, "init", "none")
         super().__post_init__()
+        if auto:
+            object.__setattr__(self, "init", AUTO_INIT)
         check_positive("seq_len", self.seq_len)
         check_positive("batch_size", self.batch_size)
         if self.max_samples is not None:
@@ -62,9 +69,13 @@ class SensitivityConfig(AllocationSettings):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
-    def allocation_settings(self) -> AllocationSettings:
-        """The allocation part alone (what ``allocation.json`` records)."""
-        return AllocationSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AllocationSettings)})
+    def allocation_settings(self, causal_lm: bool = True) -> AllocationSettings:
+        """The allocation part alone (what ``allocation.json`` records), ``init="auto"`` resolved for a model
+        that is (or is not) a causal LM."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(AllocationSettings)}
+        if fields["init"] == AUTO_INIT:
+            fields["init"] = auto_init(causal_lm)
+        return AllocationSettings(**fields)
 
 
 def _check_lora_config(lora_config: Any, config: SensitivityConfig) -> None:
@@ -79,7 +90,7 @@ def _check_lora_config(lora_config: Any, config: SensitivityConfig) -> None:
     if isinstance(weights, str) and weights.lower() in _OWN_INITS:
         raise ValueError(f"init_lora_weights={weights!r} needs PEFT's own initialisation pass; use "
                          f"SensitivityConfig(init=...) here instead ('eva' is this package's exact EVA)")
-    if config.init != "none" and not isinstance(weights, bool):
+    if config.init not in ("none", AUTO_INIT) and not isinstance(weights, bool):
         raise ValueError(f"init_lora_weights={weights!r} conflicts with SensitivityConfig(init={config.init!r}), "
                          "which sets A from the statistics and B = 0; pass init='none' to keep PEFT's initialisation")
     if float(lora_config.r) != int(lora_config.r) or lora_config.r < 1:
@@ -151,7 +162,10 @@ def initialize_lora_sensitivity(model: nn.Module, data: Any, lora_config: Any = 
     try:
         if is_peft:
             model.unload()  # the base model back, without the adapters (not merged)
-        allocation = compute_allocation(base, batches, int(lora_config.r), config.allocation_settings(),
+        # auto: the statistics' init for a causal LM, unless the LoraConfig asks for one of PEFT's own (e.g. PiSSA)
+        explicit = not isinstance(lora_config.init_lora_weights, bool)
+        settings = config.allocation_settings(is_causal_lm(base) and not explicit)
+        allocation = compute_allocation(base, batches, int(lora_config.r), settings,
                                         target_modules=targets, backend=config.backend, progress=config.progress,
                                         streaming=config.streaming)
         ranked = lora_config_from_ranks(allocation.ranks(), lora_config.r, lora_config.lora_alpha,

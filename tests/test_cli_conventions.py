@@ -62,9 +62,10 @@ def test_allocate_json_is_the_only_thing_on_stdout(tiny_llama_dir, text_file, tm
     on_disk = json.loads((out / "allocation.json").read_text())
     assert summary["ranks"] == {name: m["rank"] for name, m in on_disk["modules"].items()}
     assert summary["rank_sum"] == sum(summary["ranks"].values()) == summary["budget"] == 4 * summary["n_modules"]
-    assert summary["avg_rank"] == 4 and summary["init"] == "none" and summary["verified"] is True
-    assert summary["settings"]["n_samples"] == 12
-    assert sorted(summary["outputs"]) == sorted(str(out / n) for n in ("allocation.json", "adapter_config.json"))
+    assert summary["avg_rank"] == 4 and summary["init"] == "covariance" and summary["verified"] is True  # the default
+    assert summary["settings"]["n_samples"] == 12 and summary["settings"]["hessian"] == "full"
+    assert sorted(summary["outputs"]) == sorted(str(out / n) for n in ("allocation.json", "adapter_config.json",
+                                                                       "initial_weights.safetensors"))
     assert "wrote" in captured.err  # the human-readable lines went to stderr
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [f"Sample {i} is about markets, music, elections and football, in that order." * (1 + i % 3)
          for i in range(12)]
-OUTPUTS = {"allocation.json", "adapter_config.json", "ranks.png"}
+OUTPUTS = {"allocation.json", "adapter_config.json", "initial_weights.safetensors", "ranks.png"}  # the default set
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +306,7 @@ def test_debug_shows_the_traceback(workspace, old, monkeypatch, capsys):
 def test_a_new_set_replaces_the_whole_old_one(workspace, old):
     assert main(args(workspace, old, "--init", "covariance")) == 0
     assert set(folder_bytes(old)) == OUTPUTS | {"initial_weights.safetensors"}
-    assert main(args(workspace, old, "--no-plot")) == 0  # no init, no plot: the old ones must not stay
+    assert main(args(workspace, old, "--init", "none", "--no-plot")) == 0  # no init, no plot: the old ones must not stay
     files = folder_bytes(old)
     assert set(files) == {"allocation.json", "adapter_config.json"}
     allocation = json.loads(files["allocation.json"])

@@ -85,8 +85,8 @@ def test_init_none_keeps_peft_initialisation_and_eva_replaces_ranks():
 @pytest.mark.parametrize("make_call, match", [
     (lambda m: initialize_lora_sensitivity(m, random_batches(), LoraConfig(r=2, rank_pattern={"q_proj": 4}), QUIET),
      "rank_pattern"),
-    (lambda m: initialize_lora_sensitivity(m, random_batches(), LoraConfig(r=2, init_lora_weights="pissa"), QUIET),
-     "conflicts"),
+    (lambda m: initialize_lora_sensitivity(m, random_batches(), LoraConfig(r=2, init_lora_weights="pissa"),
+                                           SensitivityConfig(init="covariance", progress=False)), "conflicts"),
     (lambda m: initialize_lora_sensitivity(m, random_batches(), LoraConfig(r=2, init_lora_weights="eva"), QUIET),
      "own initialisation"),
     (lambda m: initialize_lora_sensitivity(m, "one string", config=QUIET), "not one string"),
@@ -125,8 +125,32 @@ def test_two_adapters_are_refused():
         initialize_lora_sensitivity(peft_model, random_batches(), config=QUIET)
 
 
+def test_auto_init_is_covariance_for_a_causal_lm_and_peft_own_otherwise():
+    from conftest import tiny_bert
+
+    causal = initialize_lora_sensitivity(tiny_llama(), random_batches(), LoraConfig(r=2, target_modules=["q_proj"]),
+                                         QUIET)
+    assert causal.peft_config["default"].init_lora_weights is True
+    assert all(m.lora_A["default"].weight.abs().sum() > 0 and not m.lora_B["default"].weight.any()
+               for _, m in adapter_layers(causal, "default"))
+    reference = compute_allocation(tiny_llama(), random_batches(), 2, target_modules=["q_proj"], init="covariance",
+                                   progress=False)
+    for path, layer in adapter_layers(causal, "default"):
+        torch.testing.assert_close(layer.lora_A["default"].weight,
+                                   reference.initial_weights[path.removeprefix("base_model.model.")].float())
+    encoder = tiny_bert()
+    batches = [{"input_ids": torch.randint(1, 100, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long)}]
+    plain = initialize_lora_sensitivity(encoder, batches, LoraConfig(r=2, target_modules=["query"]), QUIET)
+    plain_reference = compute_allocation(tiny_bert(), batches, 2, target_modules=["query"], progress=False)
+    assert _ranks(plain) == {n: r for n, r in plain_reference.ranks().items() if r > 0}
+    assert QUIET.allocation_settings(causal_lm=False).init == "none"
+    assert QUIET.allocation_settings(causal_lm=True).init == "covariance"
+    pissa = SensitivityConfig(progress=False).allocation_settings(causal_lm=False)
+    assert pissa.hessian == "diag"  # nothing forced to full mode where the init is PEFT's own
+
+
 def test_sensitivity_config_validates_its_own_fields():
-    assert SensitivityConfig().init == "covariance" and SensitivityConfig().hessian == "full"
+    assert SensitivityConfig().init == "auto" and SensitivityConfig(init="eva").hessian == "full"
     with pytest.raises(DataError, match="batch_size"):
         SensitivityConfig(batch_size=0)
     with pytest.raises(ValueError, match="streaming"):

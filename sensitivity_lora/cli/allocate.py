@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..settings import AUTO_INIT
 from . import options
 
 logger = logging.getLogger(__name__)
@@ -21,12 +22,13 @@ WEIGHTS_FILE = "initial_weights.safetensors"
 def add_parsers(sub) -> None:
     p = sub.add_parser("allocate", help="calibrate a model on text and allocate LoRA ranks",
                        description="Calibrate a model on text, score every target matrix by its Hessian "
-                                   "sensitivity and allocate LoRA ranks. With no --model/--data: SmolLM2-135M "
-                                   "on BBC News articles.")
+                                   "sensitivity and allocate LoRA ranks, and start every adapter from the "
+                                   "top eigenvectors of its input covariance (--init). With no --model/--data: "
+                                   "SmolLM2-135M on BBC News articles.")
     options.add_model_and_data(p)
     p.add_argument("--avg-rank", type=options.positive_float, default=8.0,
                    help="average LoRA rank r̄ (budget = r̄ × #modules)")
-    options.add_allocation_settings(p)
+    options.add_allocation_settings(p, auto_init=True)  # --init auto: covariance for a causal LM (docs/results.md)
     p.add_argument("--lora-alpha", type=options.positive_float, help="lora_alpha of uniform LoRA at rank r̄ (default: 2·r̄)")
     p.add_argument("--streaming", action="store_true",
                    help="run the model one block at a time (same result; holds one block's Hessians)")
@@ -74,6 +76,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import MissingPackageError
     from ..files import FileSet, ensure_output_folder, output_lock
     from ..peft import check_lora_alpha, lora_config, lora_config_json
+    from ..models import is_causal_lm
     from ..report import plot_ranks
     from ..settings import check_avg_rank
 
@@ -85,6 +88,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     with output_lock(args.out) as out, FileSet(out, replaces=OUTPUTS) as files:
         model, _, texts, batches = options.load_model_and_batches(args)
+        settings = options.allocation_settings(args, model)  # --init auto resolved for this model
         logger.debug("%d calibration samples in %d batches; %s", len(texts), len(batches), settings)
         t1 = time.perf_counter()
         allocation = compute_allocation(model, batches, args.avg_rank, settings,
@@ -93,7 +97,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
                                         checkpoint_dir=args.checkpoint_dir)
         t2 = time.perf_counter()
         allocation.settings.update(options.data_record(args, texts))
-        task_type = "CAUSAL_LM" if _is_causal_lm(model) else None
+        task_type = "CAUSAL_LM" if is_causal_lm(model) else None
         config = lora_config(allocation, args.lora_alpha, task_type=task_type)
         if args.model is None:
             from ..models import default_model_dir
@@ -117,7 +121,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     written = [str(out / n) for n in OUTPUTS if n in files.names]
     logger.info("calibration + scoring %.1f s on %d samples (total %.1f s); wrote %s",
                 t2 - t1, len(texts), time.perf_counter() - t0, ", ".join(written))
-    return {"allocation": allocation, "init": settings.init, "verified": not args.no_verify, "written": written,
+    return {"allocation": allocation, "init": settings.init, "init_option": args.init, "verified": not args.no_verify, "written": written,
             "seconds": {"calibration_and_scoring": round(t2 - t1, 3), "total": round(time.perf_counter() - t0, 3)}}
 
 
@@ -130,9 +134,14 @@ def _text(run: dict[str, Any]) -> str:
     if run["verified"]:
         lines.append("verified: the PEFT model built from adapter_config.json has exactly the allocated ranks"
                      + (" and takes the initial weights" if allocation.initial_weights is not None else ""))
+    auto = run["init_option"] == AUTO_INIT
     if run["init"] != "none":
-        lines.append(f"initialisation: {run['init']} (A from the calibration's input statistics, B = 0; "
-                     f"{allocation.settings.get('decompositions')} decompositions)")
+        why = " (--init auto, the default, for a causal LM; --init none keeps PEFT's own)" if auto else ""
+        lines.append(f"initialisation: {run['init']}{why}: A from the calibration's input statistics, B = 0 "
+                     f"({allocation.settings.get('decompositions')} decompositions)")
+    elif auto:
+        lines.append("initialisation: PEFT's own (--init auto, the default, for a model that is not a causal LM; "
+                     "--init covariance starts A from the input statistics)")
     return "\n".join(lines)
 
 
@@ -169,12 +178,6 @@ def _verify(model, allocation, folder: Path) -> None:
             apply_initial_weights(peft_model, dataclasses.replace(allocation, initial_weights=loaded))
     finally:
         state.restore()
-
-
-def _is_causal_lm(model) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

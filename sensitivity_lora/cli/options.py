@@ -5,7 +5,8 @@ import argparse
 import math
 from typing import Any
 
-from ..settings import BUDGET_MODES, FUSIONS, HESSIAN_MODES, INITS, METHODS, SCOPES, AllocationSettings
+from ..settings import (AUTO_INIT, BUDGET_MODES, FUSIONS, HESSIAN_MODES, INITS, METHODS, SCOPES, AllocationSettings,
+                        auto_init)
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -100,8 +101,9 @@ def add_model_and_data(p: argparse.ArgumentParser, max_samples: int = 64, seq_le
                    help="kernel backend (auto: the compiled one for the device, else the reference)")
 
 
-def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -> None:
-    """One option per field of :class:`AllocationSettings`, with its default."""
+def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag", auto_init: bool = False) -> None:
+    """One option per field of :class:`AllocationSettings`, with its default (``auto_init``: ``--init auto``,
+    resolved by :func:`resolved_init` once the model is loaded, is the default)."""
     d = AllocationSettings(hessian=hessian)
     p.add_argument("--method", choices=METHODS, default=d.method, help="rank rule")
     p.add_argument("--hessian", choices=HESSIAN_MODES, default=d.hessian,
@@ -117,18 +119,30 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag") -
     p.add_argument("--budget-mode", choices=BUDGET_MODES, default=d.budget_mode,
                    help="rank: Σ r = r̄·M; params: the LoRA parameter count of uniform LoRA")
     p.add_argument("--tiers", type=whole_number, default=d.tiers, help="PRA tiers")
-    p.add_argument("--init", choices=INITS, default=d.init,
+    p.add_argument("--init", choices=INITS + ((AUTO_INIT,) if auto_init else ()),
+                   default=AUTO_INIT if auto_init else d.init,
                    help="adapter initialisation from the statistics (docs/method.md §7); any but 'none' "
-                        "implies --hessian full and writes initial_weights.safetensors")
+                        "implies --hessian full and writes initial_weights.safetensors; 'none' keeps PEFT's own"
+                        + ("; auto: covariance for a causal LM, none otherwise (docs/results.md)" if auto_init else ""))
     p.add_argument("--init-rho", type=finite_float, default=d.init_rho,
                    help="rank cap ρ of the eva / output-aware rank rules: round(ρ·r̄)")
 
 
-def allocation_settings(args: argparse.Namespace) -> AllocationSettings:
+def allocation_settings(args: argparse.Namespace, model: Any = None) -> AllocationSettings:
+    """The settings the options give; ``--init auto`` is resolved for ``model`` (before it is loaded: as
+    ``none``, so that every other setting is checked first)."""
     return AllocationSettings(method=args.method, hessian=args.hessian, scope=args.scope, topk=args.topk,
                               energy=args.energy, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
-                              r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers, init=args.init,
-                              init_rho=args.init_rho)
+                              r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers,
+                              init=resolved_init(args.init, model), init_rho=args.init_rho)
+
+
+def resolved_init(init: str, model: Any = None) -> str:
+    if init != AUTO_INIT:
+        return init
+    from ..models import is_causal_lm
+
+    return auto_init(is_causal_lm(model)) if model is not None else "none"
 
 
 def backend(args: argparse.Namespace) -> str | None:
