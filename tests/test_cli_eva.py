@@ -6,16 +6,9 @@ import torch
 
 from sensitivity_lora.cli import main
 
-from test_cli import TEXTS  # noqa: F401  (the same calibration texts as the other CLI tests)
+from test_cli import text_file  # noqa: F401  (the fixture: the same calibration texts as the other CLI tests)
 
 ARGS = ("--avg-rank", "4", "--max-samples", "12", "--seq-len", "32", "--batch-size", "4", "-q")
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "texts.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -239,11 +239,9 @@ def test_verification_from_a_folder_catches_ignored_patterns(tmp_path):
     with pytest.raises(RankMismatchError, match="the config gives"):
         verify_ranks(ignored, tmp_path)
     edited = json.loads((tmp_path / "adapter_config.json").read_text())
-    first = next(iter(edited["target_modules"]))
     edited["target_modules"] = list(edited["target_modules"]) + ["model.layers.9.mlp.up_proj"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(edited))
     with pytest.raises(RankMismatchError, match="no LoRA layer"):
         verify_ranks(out, tmp_path)
-    assert first
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         verify_ranks(out, tmp_path / "missing")
