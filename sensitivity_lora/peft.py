@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from torch import nn
 
 from .errors import RankMismatchError
+from .init.state import PEFT_MODEL_PREFIX
 from .scoring.result import Allocation
 from .settings import check_avg_rank
 
@@ -270,7 +271,7 @@ def pattern_key(keys: Iterable[str], name: str) -> str | None:
 def _verify_against_config(peft_model: nn.Module, config: Any, adapter_name: str) -> None:
     problems, seen = [], set()
     for path, module in adapter_layers(peft_model, adapter_name):
-        key = path.removeprefix("base_model.model.")
+        key = base_key(path)
         seen.add(key)
         rank_key, alpha_key = pattern_key(config.rank_pattern or {}, key), pattern_key(config.alpha_pattern or {}, key)
         rank = config.rank_pattern[rank_key] if rank_key is not None else config.r
@@ -287,6 +288,11 @@ def _verify_against_config(peft_model: nn.Module, config: Any, adapter_name: str
     if not seen:
         problems.append(f"no LoRA layer of adapter {adapter_name!r}")
     _report(problems, "the adapter config")
+
+
+def base_key(path: str) -> str:
+    """A PeftModel module path as the base model names it (the key PEFT's patterns are matched against)."""
+    return path.removeprefix(PEFT_MODEL_PREFIX)
 
 
 def adapter_layers(peft_model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:

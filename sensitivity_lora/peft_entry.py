@@ -25,7 +25,7 @@ from .api import check_adapter_name, compute_allocation
 from .batches import as_batches
 from .calibration.model_state import ModelState
 from .data import check_positive
-from .peft import adapter_layers, build_peft_model, lora_config_from_ranks
+from .peft import adapter_layers, base_key, build_peft_model, lora_config_from_ranks
 from .models import is_causal_lm
 from .settings import AUTO_INIT, AllocationSettings, auto_init
 
@@ -99,7 +99,7 @@ def _check_lora_config(lora_config: Any, config: SensitivityConfig) -> None:
 
 def _adapted_names(peft_model: nn.Module, adapter_name: str) -> list[str]:
     """The module names (relative to the base model) that hold a LoRA layer of ``adapter_name``."""
-    return [path.removeprefix("base_model.model.") for path, _ in adapter_layers(peft_model, adapter_name)]
+    return [base_key(path) for path, _ in adapter_layers(peft_model, adapter_name)]
 
 
 def _targets_of(model: nn.Module, lora_config: Any, adapter_name: str) -> list[str]:

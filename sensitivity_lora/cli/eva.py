@@ -14,6 +14,7 @@ import argparse
 import logging
 import time
 
+from ..init.state import PEFT_MODEL_PREFIX
 from . import options
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--avg-rank", type=options.positive_int, default=8, help="LoraConfig.r (the rank budget r̄ per module)")
     p.add_argument("--rho", type=options.finite_float, default=2.0,
                    help="EvaConfig.rho: no module gets more than round(ρ·r̄) components")
-    p.add_argument("--prefix", default="base_model.model.",
+    p.add_argument("--prefix", default=PEFT_MODEL_PREFIX,
                    help="prefix of the keys (PEFT's own: the module names inside a PeftModel)")
     p.add_argument("--streaming", action="store_true", help="run the model one block at a time (same result)")
     p.set_defaults(func=cmd_eva)

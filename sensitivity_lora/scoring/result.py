@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import FileFormatError, MissingInputError
 from ..files import atomic_write_text, json_safe
+from ..init.state import PEFT_MODEL_PREFIX
 from ..settings import BUDGET_MODES, RANK_RULES
 from .metrics import ModuleMetrics
 
@@ -127,7 +128,7 @@ class Allocation:
         atomic_save_safetensors(path, tensors, {"format": WEIGHTS_FORMAT, "init": str(self.settings.get("init")),
                                                 "ranks": json.dumps(self.ranks())})
 
-    def eva_state_dict(self, prefix: str = "base_model.model.") -> dict[str, "torch.Tensor"]:
+    def eva_state_dict(self, prefix: str = PEFT_MODEL_PREFIX) -> dict[str, "torch.Tensor"]:
         """The initial weights in PEFT ``get_eva_state_dict``'s format, for
         ``peft.tuners.lora.eva.initialize_lora_eva_weights(peft_model, eva_state_dict=...)``."""
         if self.initial_weights is None:
