@@ -197,13 +197,21 @@ def test_lora_params_counts_the_real_adapter_weights(tokenizer):
 # ------------------------------------------------------------------ classification on a tiny BERT
 
 
-def test_classification_run_records_scores_and_budgets(tokenizer):
-    from sensitivity_lora.evaluation.classification import ClassificationTask, run_classification
+def tiny_classification(tokenizer):
+    """A tiny BERT sized to the tokenizer, two classes of 12 articles, and a task that fits them."""
+    from sensitivity_lora.evaluation.classification import ClassificationTask
 
     encoder = tiny_bert()
     encoder.resize_token_embeddings(tokenizer.vocab_size)
     articles = [(label, text) for label, seed in (("x", 1), ("y", 2)) for text in _texts(12, seed)]
     task = ClassificationTask(n_train_per_class=6, n_test_per_class=4, max_len=16, calibration_batch_size=4)
+    return encoder, articles, task
+
+
+def test_classification_run_records_scores_and_budgets(tokenizer):
+    from sensitivity_lora.evaluation.classification import run_classification
+
+    encoder, articles, task = tiny_classification(tokenizer)
     config = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     records = {m: run_classification(encoder, tokenizer, articles, METHODS[m], 2, 0, config, task)
                for m in ("uniform", "sra", "adalora")}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
-from conftest import tiny_bert, tiny_llama
+from conftest import tiny_llama
 from sensitivity_lora.evaluation.finetune import TrainConfig
 from sensitivity_lora.evaluation.methods import METHODS
-from test_evaluation import _texts, one_thread, tokenizer  # noqa: F401 (fixtures: one thread, MiniLM's tokenizer)
+from test_evaluation import _texts, one_thread, tiny_classification, tokenizer  # noqa: F401 (fixtures)
 
 NAMES = ("uniform", "tsqlora", "tsqlora-sampling", "tsqlora-ranks")
 
@@ -33,12 +33,9 @@ def test_tsqlora_methods_on_a_causal_lm_keep_the_steps_and_the_rank_budget(token
 
 
 def test_tsqlora_on_classification_uses_the_labelled_calibration(tokenizer):
-    from sensitivity_lora.evaluation.classification import ClassificationTask, run_classification
+    from sensitivity_lora.evaluation.classification import run_classification
 
-    encoder = tiny_bert()
-    encoder.resize_token_embeddings(tokenizer.vocab_size)
-    articles = [(label, text) for label, seed in (("x", 1), ("y", 2)) for text in _texts(12, seed)]
-    task = ClassificationTask(n_train_per_class=6, n_test_per_class=4, max_len=16, calibration_batch_size=4)
+    encoder, articles, task = tiny_classification(tokenizer)
     config = TrainConfig(steps=10, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     record = run_classification(encoder, tokenizer, articles, METHODS["tsqlora"], 2, 0, config, task)
     assert 0 <= record["accuracy"] <= 1 and record["rank_sum"] == 24 and record["refreshes"] == 10
