@@ -224,6 +224,28 @@ def test_classification_run_records_scores_and_budgets(tokenizer):
     assert records["uniform"]["trainable_params_at_start"] == records["uniform"]["lora_params"] + 32 * 2 + 2
 
 
+@pytest.mark.parametrize("method", ["uniform", "adalora", "hyperadalora"])
+def test_held_out_curve_leaves_the_run_unchanged_and_ends_at_the_final_score(tokenizer, method):
+    from sensitivity_lora.evaluation.classification import run_classification
+
+    encoder, articles, task = tiny_classification(tokenizer)
+    config = TrainConfig(steps=7, batch_size=4, lr=1e-3, warmup_steps=1, seed=1)
+    plain = run_classification(encoder, tokenizer, articles, METHODS[method], 2, 1, config, task)
+    watched = run_classification(encoder, tokenizer, articles, METHODS[method], 2, 1, config, task, eval_every=3)
+    assert watched["loss_curve"] == plain["loss_curve"] and len(plain["loss_curve"]) == 7
+    assert watched["accuracy"] == plain["accuracy"] and watched["ranks"] == plain["ranks"]
+    assert "eval_curve" not in plain
+    assert [p["step"] for p in watched["eval_curve"]] == [3, 6, 7]  # every 3rd step and the last
+    assert watched["eval_curve"][-1]["accuracy"] == pytest.approx(plain["accuracy"])
+    assert all(p["loss"] > 0 for p in watched["eval_curve"]) and watched["eval_seconds"] > 0
+
+
+def test_train_rejects_a_curve_without_an_evaluation():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="eval_every"):
+        finetune.train(model, lambda idx: {}, 4, TrainConfig(steps=2, batch_size=2, lr=0.1), eval_every=1)
+
+
 # ------------------------------------------------------------------ stability and report
 
 

@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> No
     p.add_argument("--batch-size", type=int, default=batch, help="training samples per optimizer step")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warm-up 10 %%, linear decay)")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also score the held-out set every N steps (the convergence curves; 0: only at the end)")
     p.add_argument("--out", required=True, help="results JSON file (appended to; finished runs are skipped)")
 
 
@@ -132,7 +134,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     task = ClassificationTask(n_train_per_class=args.train_per_class, n_test_per_class=args.test_per_class,
                               max_len=args.max_len, n_calibration=args.n_calibration)
     return _grid(args, "classification", lambda method, r, seed: run_classification(
-        encoder, tokenizer, articles, method, r, seed, _train_config(args, seed), task))
+        encoder, tokenizer, articles, method, r, seed, _train_config(args, seed), task, eval_every=args.eval_every))
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
@@ -156,7 +158,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
         store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0,
                    "perplexity": perplexity(model, lm_tensors(held_out, tokenizer, task.seq_len), 8)})
     return _grid(args, "causal_lm", lambda method, r, seed: run_causal_lm(
-        model, tokenizer, texts, method, r, seed, _train_config(args, seed), task))
+        model, tokenizer, texts, method, r, seed, _train_config(args, seed), task, eval_every=args.eval_every))
 
 
 def cmd_stability(args: argparse.Namespace) -> int:

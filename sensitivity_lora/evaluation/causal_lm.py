@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .budget import budget_summary, target_dims
-from .finetune import TrainConfig, mean_last, train
+from .finetune import TrainConfig, curves, mean_last, train
 from .methods import Method, build_adapted
 
 HELDOUT_SPLIT_SEED = 54321
@@ -70,8 +70,10 @@ def perplexity(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int)
 
 
 def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method: Method, avg_rank: int,
-                  seed: int, train_config: TrainConfig, task: CausalLMTask = CausalLMTask()) -> dict[str, Any]:
-    """Fine-tune one method at one seed; returns a JSON-ready record with held-out perplexity."""
+                  seed: int, train_config: TrainConfig, task: CausalLMTask = CausalLMTask(),
+                  eval_every: int = 0) -> dict[str, Any]:
+    """Fine-tune one method at one seed; returns a JSON-ready record with held-out perplexity.
+    ``eval_every`` > 0 adds the held-out perplexity every that many steps (``eval_curve``)."""
     train_texts, eval_texts = split_texts(texts, task.n_train, task.n_eval, seed)
     train_data = lm_tensors(train_texts, tokenizer, task.seq_len)
     eval_data = lm_tensors(eval_texts, tokenizer, task.seq_len)
@@ -81,7 +83,9 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
     adapted = build_adapted(copy.deepcopy(base_model), method, avg_rank, calibration, train_config.steps,
                             task_type="CAUSAL_LM")
     log = train(adapted.peft_model, lambda idx: {k: v[idx] for k, v in train_data.items()}, len(train_texts),
-                train_config, forward=adapted.forward, after_step=adapted.after_step, tsqlora=adapted.tsqlora)
+                train_config, forward=adapted.forward, after_step=adapted.after_step, tsqlora=adapted.tsqlora,
+                eval_every=eval_every,
+                evaluate=lambda: {"perplexity": perplexity(adapted.peft_model, eval_data, task.eval_batch_size)})
     ranks = adapted.ranks()
     record = {
         "task": "causal_lm", "method": method.name, "avg_rank": avg_rank, "seed": seed,
@@ -92,5 +96,6 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
         "n_train": len(train_texts), "n_eval": len(eval_texts), "ranks": ranks,
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
         **log.extra,
+        **curves(log),
     }
     return record

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .budget import budget_summary, target_dims
-from .finetune import TrainConfig, mean_last, train
+from .finetune import TrainConfig, curves, mean_last, train
 from .methods import Method, build_adapted
 
 TEST_SPLIT_SEED = 12345  # the test articles never depend on the run's seed
@@ -92,19 +92,33 @@ def _encode(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int) -> list[int]:
+def test_logits(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
     model.eval()
-    preds = []
+    out = []
     for start in range(0, len(data["input_ids"]), batch_size):
         batch = {k: v[start:start + batch_size] for k, v in data.items()}
-        preds += model(**batch).logits.argmax(-1).tolist()
-    return preds
+        out.append(model(**batch).logits.float())
+    return torch.cat(out)
+
+
+def predict(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int) -> list[int]:
+    return test_logits(model, data, batch_size).argmax(-1).tolist()
+
+
+def test_metrics(model: nn.Module, data: dict[str, torch.Tensor], labels: Sequence[int],
+                 batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy on a labelled set (the held-out curve of a run)."""
+    logits = test_logits(model, data, batch_size)
+    gold = torch.as_tensor(list(labels))
+    return {"accuracy": float((logits.argmax(-1) == gold).double().mean()),
+            "loss": float(nn.functional.cross_entropy(logits, gold))}
 
 
 def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[str, str]], method: Method,
                        avg_rank: int, seed: int, train_config: TrainConfig,
-                       task: ClassificationTask = ClassificationTask()) -> dict[str, Any]:
-    """Fine-tune one method at one seed and score it on the test set; returns a JSON-ready record."""
+                       task: ClassificationTask = ClassificationTask(), eval_every: int = 0) -> dict[str, Any]:
+    """Fine-tune one method at one seed and score it on the test set; returns a JSON-ready record.
+    ``eval_every`` > 0 adds the test accuracy and loss every that many steps (``eval_curve``)."""
     train_set, test_set = split_by_class(articles, task.n_train_per_class, task.n_test_per_class, seed)
     labels = sorted({label for label, _ in train_set})
     index = {label: i for i, label in enumerate(labels)}
@@ -129,7 +143,8 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         return {**{k: v[idx] for k, v in train_enc.items()}, "labels": train_labels[idx]}
 
     log = train(adapted.peft_model, make_batch, len(train_set), train_config, forward=adapted.forward,
-                after_step=adapted.after_step, tsqlora=adapted.tsqlora)
+                after_step=adapted.after_step, tsqlora=adapted.tsqlora, eval_every=eval_every,
+                evaluate=lambda: test_metrics(adapted.peft_model, test_enc, test_labels, task.eval_batch_size))
     preds = predict(adapted.peft_model, test_enc, task.eval_batch_size)
     ranks = adapted.ranks()
     record = {
@@ -143,6 +158,7 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         "ranks": ranks,
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
         **log.extra,
+        **curves(log),
     }
     if adapted.allocation is not None:
         record["concentration"] = _concentration(adapted.allocation)

@@ -50,6 +50,8 @@ class TrainLog:
     trainable_params: int
     lrs: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # TsqLoRA: scoring cost, refreshes, rank changes
+    eval_curve: list[dict] = field(default_factory=list)  # {"step": s, metric: value, ...} every eval_every steps
+    eval_seconds: float = 0.0  # spent in the periodic evaluations, not counted in ``seconds``
 
 
 def batch_plan(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -91,6 +93,8 @@ def train(
     forward: Callable[..., object] | None = None,
     after_step: Callable[[int], None] | None = None,
     tsqlora: Any = None,
+    evaluate: Callable[[], Mapping[str, float]] | None = None,
+    eval_every: int = 0,
 ) -> TrainLog:
     """Train the parameters of ``model`` that require grad with AdamW.
 
@@ -101,8 +105,14 @@ def train(
     ``tsqlora`` (a ``training.TsqLoRAConfig``): with its quality part each step's rows are drawn
     by quality score instead of taken from the plan (as many per step), with its ranks part the
     ranks move after scheduled steps; the digest is of the rows actually used.
+    ``evaluate()`` (held-out metrics, model in eval mode, no gradients), when given with
+    ``eval_every`` > 0, runs after every ``eval_every``-th step and after the last; its results form
+    the log's ``eval_curve`` and its time is kept out of the training time. It draws no random
+    numbers, so the training run is the same with or without it.
     """
     config.validate()
+    if eval_every < 0 or (eval_every and evaluate is None):
+        raise ValueError(f"eval_every must be ≥ 0 and needs an evaluate function, got {eval_every}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: build the adapter before training")
@@ -119,7 +129,8 @@ def train(
 
         run = TsqLoRARun(model, tsqlora, config.steps, make_batch=make_batch, n_examples=n_examples, seed=config.seed)
     model.train()
-    losses, lrs, used = [], [], []
+    losses, lrs, used, curve = [], [], [], []
+    eval_seconds = 0.0
     start = time.perf_counter()
     for step, indices in enumerate(plan):
         if run is not None:
@@ -141,12 +152,36 @@ def train(
         losses.append(float(loss.detach()))
         if run is not None and run.after_step(step + 1, optimizer):
             params = [p for p in model.parameters() if p.requires_grad]  # resized layers: new tensors to clip
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == len(plan)):
+            eval_start = time.perf_counter()
+            curve.append({"step": step + 1, **_evaluated(model, evaluate)})
+            eval_seconds += time.perf_counter() - eval_start
     model.eval()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - eval_seconds
     if run is not None:
         run.finish()
     return TrainLog(losses=losses, seconds=seconds, plan_digest=plan_digest(used), steps=len(plan),
-                    trainable_params=n_params, lrs=lrs, extra=run.summary(seconds) if run is not None else {})
+                    trainable_params=n_params, lrs=lrs, extra=run.summary(seconds) if run is not None else {},
+                    eval_curve=curve, eval_seconds=eval_seconds)
+
+
+def _evaluated(model: nn.Module, evaluate: Callable[[], Mapping[str, float]]) -> dict[str, float]:
+    """One mid-training evaluation, in eval mode without gradients; the model goes back to training."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {k: float(v) for k, v in evaluate().items()}
+    finally:
+        model.train()
+
+
+def curves(log: TrainLog) -> dict[str, Any]:
+    """The record fields of a run's curves: every step's training loss, and the periodic held-out metrics."""
+    out: dict[str, Any] = {"loss_curve": log.losses}
+    if log.eval_curve:
+        out["eval_curve"] = log.eval_curve
+        out["eval_seconds"] = log.eval_seconds
+    return out
 
 
 def mean_last(values: list[float], fraction: float = 0.2) -> float:

@@ -19,7 +19,7 @@ from torch import nn
 from .dynamic_ranks import DynamicRanks, RankSchedule
 from .per_sample import SampleLossFn
 from .quality import MakeBatch, QualityConfig, QualityTerms, score_candidates
-from .sampler import QualitySampler
+from .sampler import QualitySampler, effective_fraction
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class TsqLoRARun:
         if quality is not None and sampler is None:
             if n_examples is None:
                 raise ValueError("quality-aware sampling needs the number of training rows (n_examples)")
-            sampler = QualitySampler(n_examples, quality.temperature, quality.pool_size, quality.seed + seed)
+            sampler = QualitySampler(n_examples, quality.temperature, quality.pool_size, quality.seed + seed,
+                                     ess_fraction=quality.ess_fraction)
         if quality is not None and make_batch is None:
             raise ValueError("quality-aware sampling needs make_batch(rows) -> a labelled batch")
         self.sampler, self.make_batch = sampler, make_batch
@@ -77,7 +78,9 @@ class TsqLoRARun:
         self.sampler.set_scores(terms.indices, terms.score(quality.alphas))
         self.scoring_seconds += terms.seconds
         self.refreshes.append({"step": step, "seconds": terms.seconds, "step_size": terms.step_size,
-                               "pool": len(pool), "mean_loss": float(terms.losses.mean())})
+                               "pool": len(pool), "mean_loss": float(terms.losses.mean()),
+                               "temperature": self.sampler.last_temperature,
+                               "effective_fraction": effective_fraction(self.sampler.probs)})
         return terms
 
     def refresh_due(self, step: int) -> bool:

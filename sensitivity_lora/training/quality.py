@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import check_positive_int, check_positive_number
+from .checks import check_positive_int, check_positive_number, check_temperature
 from .per_sample import SampleLossFn, losses_after_steps, per_sample_gradients
 
 MakeBatch = Callable[[Sequence[int]], Mapping[str, torch.Tensor]]
@@ -39,7 +39,10 @@ class QualityConfig:
     """How the quality score is computed and when it is refreshed.
 
     alphas: (α₁, α₂, α₃), the weights of the normalised gradient-norm, loss-drop and convergence terms.
-    temperature: τ of the sampler, p(x) = softmax(Q/τ); ``math.inf`` is uniform sampling.
+    temperature: τ of the sampler, p(x) = softmax(Q/τ); ``math.inf`` is uniform sampling; ``"auto"``
+      (default) sets τ at each refresh so the draw's effective sample size is ``ess_fraction`` of the
+      pool (a fixed τ = 1 concentrated MiniLM/BBC training on a few rows and collapsed it).
+    ess_fraction: the effective sample size 1/Σp² that ``"auto"`` keeps, as a fraction of the pool.
     refresh_every: K, the optimiser steps between two scorings.
     pool_size: the candidates scored at each refresh (drawn uniformly, without replacement), or None
       for the whole training set; the sampler draws from the latest pool. A refresh costs about two
@@ -55,7 +58,8 @@ class QualityConfig:
     """
 
     alphas: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    temperature: float = 1.0
+    temperature: float | str = "auto"
+    ess_fraction: float = 0.5
     refresh_every: int = 50
     pool_size: int | None = 64
     chunk_size: int = 16
@@ -69,7 +73,7 @@ class QualityConfig:
                                        and a >= 0 for a in alphas):
             raise ValueError(f"alphas must be three non-negative finite numbers (α₁, α₂, α₃), got {self.alphas!r}")
         object.__setattr__(self, "alphas", tuple(float(a) for a in alphas))
-        check_positive_number("temperature", self.temperature, allow_inf=True)
+        check_temperature(self.temperature, self.ess_fraction)
         check_positive_int("refresh_every", self.refresh_every)
         check_positive_int("chunk_size", self.chunk_size)
         check_positive_int("pool_size", self.pool_size, allow_none=True)

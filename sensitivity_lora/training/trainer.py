@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from .loop import TsqLoRAConfig, TsqLoRARun
 from .quality import MakeBatch
-from .sampler import QualitySampler
+from .sampler import QualitySampler, effective_fraction
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class TsqLoRAMixin:
         if dataset is None or not hasattr(dataset, "__len__"):
             raise ValueError("quality-aware sampling needs a training dataset with a length (not an "
                              "IterableDataset); set TsqLoRAConfig(quality=None) to keep only the dynamic ranks")
-        sampler = QualitySampler(len(dataset), quality.temperature, quality.pool_size, quality.seed + self.args.seed)
+        sampler = QualitySampler(len(dataset), quality.temperature, quality.pool_size,
+                                  quality.seed + self.args.seed, ess_fraction=quality.ess_fraction)
         collate = self._scoring_collator(dataset)
 
         def make_batch(rows: Sequence[int]):
