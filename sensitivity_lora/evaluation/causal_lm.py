@@ -97,5 +97,6 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
         **log.extra,
         **curves(log),
+        **({"parameter_counts": adapted.parameter_counts} if adapted.parameter_counts else {}),
     }
     return record

@@ -159,6 +159,7 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
         **log.extra,
         **curves(log),
+        **({"parameter_counts": adapted.parameter_counts} if adapted.parameter_counts else {}),
     }
     if adapted.allocation is not None:
         record["concentration"] = _concentration(adapted.allocation)

@@ -109,6 +109,7 @@ class Adapted:
     allocation: Any = None  # the sensitivity Allocation, when there is one
     read_ranks: Callable[[list[str]], dict[str, int]] | None = None  # a model without PEFT LoRA layers says itself
     tsqlora: Any = None  # a training.TsqLoRAConfig for the training loop (the TsqLoRA methods)
+    parameter_counts: dict | None = None  # HyperAdaLoRA: the hypernetwork's size against what it generates
 
     def ranks(self) -> dict[str, int]:
         if self.read_ranks is not None:
@@ -183,7 +184,8 @@ def build_adapted(
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
     return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks,
-                   tsqlora if method.kind == "tsqlora" else None)
+                   tsqlora if method.kind == "tsqlora" else None,
+                   peft_model.parameter_counts() if method.kind == "hyperadalora" else None)
 
 
 def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,

@@ -214,6 +214,22 @@ def plot_stability(stab: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) -> list[str]:
+    """The convergence tables and curve plots, where runs recorded held-out curves (``--eval-every``)."""
+    from .convergence import convergence_rows, convergence_table, plot_curves
+
+    if not any(r.get("eval_curve") for r in records):
+        return []
+    rows = convergence_rows(records)
+    parts = []
+    for task, avg_rank in sorted({(r["task"], r["avg_rank"]) for r in rows}, key=lambda k: (k[0], -k[1])):
+        plot = plot_curves(records, task, avg_rank, out / f"{task}_r{avg_rank}_curves.png")
+        if plot:
+            written.append(plot)
+        parts.append(f"### Convergence: {task}, average rank {avg_rank}\n\n{convergence_table(rows, task, avg_rank)}\n")
+    return parts
+
+
 def write_report(results: Path, out: Path) -> list[Path]:
     """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +248,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
             plot = plot_scores([r for r in rows if r["avg_rank"] > 0], task, score, out / f"{task}_{score}.png")
             if plot:
                 written.append(plot)
+    parts += _convergence(records, out, written)
     base = [r for r in rows if r["task"] == "causal_lm" and r["method"] == "base"]
     if base:
         parts.append(f"Untrained model's held-out perplexity: {base[0]['perplexity'][0]:.3f}\n")
