@@ -136,12 +136,12 @@ def ours_eva(model, batches, r: int, rho: float, solver: str = "auto") -> tuple[
     return {"calibrate_s": t1 - t0, "eva_init_s": t2 - t1, "total_s": t2 - t0}, (stats, groups, result)
 
 
-def bench_smollm2(r: int, rho: float) -> dict:
+def bench_smollm2(r: int, rho: float, n_texts: int = 32) -> dict:
     from sensitivity_lora.data import calibration_batches, load_texts
     from sensitivity_lora.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(None)
-    texts = load_texts(None, max_samples=32, shuffle_seed=0)
+    texts = load_texts(None, max_samples=n_texts, shuffle_seed=0)
     batches = calibration_batches(texts, tokenizer, seq_len=128, batch_size=8)
     reverse = batches[::-1]
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
@@ -253,6 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--rho", type=float, default=2.0)
+    p.add_argument("--texts", type=int, default=32, help="calibration texts for the SmolLM2 part (batches of 8)")
     p.add_argument("--skip-decomposition", action="store_true")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--update", action="store_true", help="keep the other section of an existing --out file")
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
 
     if not args.skip_model:
         print("(ii) SmolLM2: PEFT EVA vs statistics", flush=True)
-        out["smollm2"] = bench_smollm2(args.r, args.rho)
+        out["smollm2"] = bench_smollm2(args.r, args.rho, args.texts)
         save()
     if not args.skip_decomposition:
         print("(i) decomposition", flush=True)
