@@ -214,6 +214,32 @@ def plot_stability(stab: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def tsqlora_cost_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> str:
+    """TsqLoRA's overheads per method: the scoring time against the training time, the refreshes, the τ the
+    sampler chose and the effective share of the pool it drew from, the rank units moved."""
+    runs = [r for r in records if r["task"] == task and r["avg_rank"] == avg_rank and "scoring_seconds" in r]
+    if not runs:
+        return ""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_method[r["method"]].append(r)
+    lines = ["| method | seeds | scoring s | scoring / training time | refreshes | τ (median) | n_eff / pool (mean) | "
+             "rank units moved |", "|---|---|---|---|---|---|---|---|"]
+    for method in sorted(by_method, key=_order):
+        mine = by_method[method]
+        log = [x for r in mine for x in r.get("refresh_log", [])]
+        taus = [x["temperature"] for x in log if "temperature" in x]
+        shares = [x["effective_fraction"] for x in log if "effective_fraction" in x]
+        moved = [sum(abs(new - old) for change in r.get("rank_changes", []) for old, new in change["changes"].values())
+                 / 2 for r in mine]
+        lines.append(f"| {method} | {len(mine)} | {_pm(mean_std(r['scoring_seconds'] for r in mine), digits=1)} | "
+                     f"{_pm(mean_std(r.get('scoring_fraction', 0.0) for r in mine))} | "
+                     f"{statistics.fmean(r['refreshes'] for r in mine):.0f} | "
+                     f"{f'{statistics.median(taus):.2f}' if taus else '—'} | "
+                     f"{f'{statistics.fmean(shares):.2f}' if shares else '—'} | {_pm(mean_std(moved), digits=1)} |")
+    return "\n".join(lines)
+
+
 def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) -> list[str]:
     """The convergence tables and curve plots, where runs recorded held-out curves (``--eval-every``)."""
     from .convergence import convergence_rows, convergence_table, plot_curves
@@ -241,6 +267,9 @@ def write_report(results: Path, out: Path) -> list[Path]:
             if task == "causal_lm" and avg_rank == 0:
                 continue
             parts.append(f"### {task}, average rank {avg_rank}\n\n{results_table(rows, task, avg_rank)}\n")
+            cost = tsqlora_cost_table(records, task, avg_rank)
+            if cost:
+                parts.append(f"TsqLoRA's overheads ({task}, r̄ = {avg_rank}):\n\n{cost}\n")
             types = rank_by_type_table(records, task, avg_rank)
             if types:
                 parts.append(f"Mean rank per module type ({task}, r̄ = {avg_rank}):\n\n{types}\n")

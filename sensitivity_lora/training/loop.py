@@ -114,7 +114,8 @@ class TsqLoRARun:
 
     def summary(self, train_seconds: float | None = None) -> dict[str, Any]:
         """JSON-ready: the scoring cost (and its share of ``train_seconds``), refreshes and rank changes."""
-        out: dict[str, Any] = {"scoring_seconds": self.scoring_seconds, "refreshes": len(self.refreshes)}
+        out: dict[str, Any] = {"scoring_seconds": self.scoring_seconds, "refreshes": len(self.refreshes),
+                               "refresh_log": self.refreshes}
         if train_seconds:
             out["scoring_fraction"] = self.scoring_seconds / train_seconds
         if self.dynamic is not None:
