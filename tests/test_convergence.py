@@ -35,7 +35,8 @@ def test_shared_targets_and_paired_steps_by_hand():
     # held-out: target = min of best accuracies = min(0.9, 0.8) = 0.8: adalora at step 8, fast at step 4.
     records = [_run("adalora", 0, [4, 3.5, 3, 2.5, 2, 1], [0.2, 0.5, 0.7, 0.9]),
                _run("fast", 0, [4, 3, 2, 2, 2, 2], [0.5, 0.8, 0.8, 0.8]),
-               _run("other-data", 0, [9, 9, 9, 9, 9, 9], [0.1, 0.1, 0.1, 0.1], digest="q")]
+               _run("other-data", 0, [9, 9, 9, 9, 9, 9], [0.1, 0.1, 0.1, 0.1], digest="q"),
+               _run("fast", 5, [0, 0, 0, 0, 0, 0], [1, 1, 1, 1])]  # no AdaLoRA run at seed 5: not compared
     rows = {r["method"]: r for r in convergence_rows(records, window=1, fractions=(0.5, 1.0))}
     assert set(rows) == {"adalora", "fast"}  # a run on other batches is not compared
     fast, ada = rows["fast"], rows["adalora"]

@@ -52,12 +52,12 @@ def first_eval_reaching(points: Sequence[dict], metric: str, target: float, high
 
 
 def same_batches(records: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """The runs with a loss curve that saw the same batches as ``reference`` at their seed (all of them
-    where the reference did not run at that seed)."""
+    """The runs with a loss curve that saw the same batches as the ``reference`` run with a curve at
+    their task, rank and seed (none where the reference has no curve there)."""
     plans = {(r["task"], r["avg_rank"], r["seed"]): r.get("plan_digest") for r in records
              if r["method"] == reference and r.get("loss_curve")}
-    return [r for r in records if r.get("loss_curve")
-            and plans.get((r["task"], r["avg_rank"], r["seed"]), r.get("plan_digest")) == r.get("plan_digest")]
+    return [r for r in records if r.get("loss_curve") and (r["task"], r["avg_rank"], r["seed"]) in plans
+            and plans[(r["task"], r["avg_rank"], r["seed"])] == r.get("plan_digest")]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float] | None:

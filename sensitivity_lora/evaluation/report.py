@@ -247,7 +247,7 @@ def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) 
     if not any(r.get("eval_curve") for r in records):
         return []
     rows = convergence_rows(records)
-    parts = []
+    parts: list[str] = []
     for task, avg_rank in sorted({(r["task"], r["avg_rank"]) for r in rows}, key=lambda k: (k[0], -k[1])):
         plot = plot_curves(records, task, avg_rank, out / f"{task}_r{avg_rank}_curves.png")
         if plot:
