@@ -54,3 +54,12 @@ def test_steps_are_averaged_over_seeds():
     (row,) = convergence_rows(records, window=1, fractions=(1.0,))
     # L* = max(1, 2) = 2: both reach it (steps 3 and 4)
     assert row["loss@1"] == (3.5, pytest.approx(0.7071, abs=1e-4)) and row["loss@1_missed"] == 0
+
+
+def test_runs_without_held_out_points_are_left_out_of_the_held_out_column():
+    plain = _run("adalora", 1, [4, 3, 2, 1], [0.5, 0.9])
+    del plain["eval_curve"]
+    records = [_run("adalora", 0, [4, 3, 2, 1], [0.5, 0.9]), plain]
+    (row,) = convergence_rows(records, window=1, fractions=(1.0,))
+    assert row["n_seeds"] == 2 and row["loss@1"] == (4.0, 0.0)  # L* = 1, both runs
+    assert row["accuracy@target"] == (4.0, 0.0) and row["accuracy@target_missed"] == 0  # seed 0 only

@@ -101,13 +101,14 @@ def convergence_rows(records: list[dict[str, Any]], window: int = 10, reference:
             row: dict[str, Any] = {"task": task, "avg_rank": avg_rank, "method": method, "n_seeds": len(mine),
                                    "targets": {f"loss@{f:g}": t for f, t in targets.items()},
                                    "held_out_target": held_target, "held_out_metric": metric}
-            for key in per_run[id(mine[0])]:
-                steps = [per_run[id(r)][key] for r in mine]
+            for key in dict.fromkeys(k for r in mine for k in per_run[id(r)]):
+                # a run without held-out points has no entry for them: it is left out, not counted as a miss
+                steps = [per_run[id(r)][key] for r in mine if key in per_run[id(r)]]
                 row[key] = _mean_std([s for s in steps if s is not None])
                 row[f"{key}_missed"] = sum(s is None for s in steps)
-                paired = [per_run[id(r)][key] - per_run[id(ref_by_seed[r["seed"]])][key] for r in mine
-                          if r["seed"] in ref_by_seed and per_run[id(r)][key] is not None
-                          and per_run[id(ref_by_seed[r["seed"]])].get(key) is not None]
+                pairs = [(per_run[id(r)].get(key), per_run[id(ref_by_seed[r["seed"]])].get(key))
+                         for r in mine if r["seed"] in ref_by_seed]
+                paired = [a - b for a, b in pairs if a is not None and b is not None]
                 row[f"{key}_vs_{reference}"] = _mean_std(paired) if method != reference else None
             row["final_held_out"] = _mean_std([r[metric] for r in mine])
             row["seconds_per_step"] = _mean_std([r["train_seconds"] / r["steps"] for r in mine])

@@ -146,6 +146,7 @@ def build_adapted(
     after_step = None
     allocation = None
     read_ranks = None
+    counts = None
     start = time.perf_counter()
     if method.kind == "uniform":
         from peft import LoraConfig
@@ -177,6 +178,7 @@ def build_adapted(
                                             tinit=phases["tinit"], tfinal=phases["tfinal"],
                                             delta_t=phases["deltaT"], **dict(method.allocation))
         after_step, read_ranks = peft_model.update_and_allocate, peft_model.ranks
+        counts = peft_model.parameter_counts()
     elif method.kind == "tsqlora":
         peft_model, tsqlora = _tsqlora(model, method, avg_rank, alpha, targets, total_steps, common,
                                        _labelled(calibration, calibration_labels, task_type))
@@ -184,8 +186,7 @@ def build_adapted(
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
     return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks,
-                   tsqlora if method.kind == "tsqlora" else None,
-                   peft_model.parameter_counts() if method.kind == "hyperadalora" else None)
+                   tsqlora if method.kind == "tsqlora" else None, counts)
 
 
 def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,
