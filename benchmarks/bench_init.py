@@ -136,13 +136,13 @@ def ours_eva(model, batches, r: int, rho: float, solver: str = "auto") -> tuple[
     return {"calibrate_s": t1 - t0, "eva_init_s": t2 - t1, "total_s": t2 - t0}, (stats, groups, result)
 
 
-def bench_smollm2(r: int, rho: float, n_texts: int = 32) -> dict:
+def bench_smollm2(r: int, rho: float, n_texts: int = 32, batch_size: int = 8) -> dict:
     from sensitivity_lora.data import calibration_batches, load_texts
     from sensitivity_lora.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(None)
     texts = load_texts(None, max_samples=n_texts, shuffle_seed=0)
-    batches = calibration_batches(texts, tokenizer, seq_len=128, batch_size=8)
+    batches = calibration_batches(texts, tokenizer, seq_len=128, batch_size=batch_size)
     reverse = batches[::-1]
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     print(f"  SmolLM2: {len(batches)} batches, {tokens} tokens", flush=True)
@@ -187,7 +187,7 @@ def bench_smollm2(r: int, rho: float, n_texts: int = 32) -> dict:
              "peft_reversed": {m: int(theirs_rev[m].shape[0]) for m in order}}
     return {
         "model": "SmolLM2-135M (sensitivity_lora.models.load_model_and_tokenizer(None))",
-        "batches": len(batches), "batch_size": 8, "seq_len": 128, "tokens": tokens,
+        "batches": len(batches), "batch_size": batch_size, "seq_len": 128, "tokens": tokens,
         "r": r, "rho": rho, "modules": len(order), "input_groups": len(groups),
         "group_widths": {str(d): sum(1 for v in dims_by_group.values() if v == d) for d in sorted(set(dims_by_group.values()))},
         "peft_get_eva_state_dict_s": peft_s, "peft_reversed_s": peft_rev_s,
@@ -253,7 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--rho", type=float, default=2.0)
-    p.add_argument("--texts", type=int, default=32, help="calibration texts for the SmolLM2 part (batches of 8)")
+    p.add_argument("--texts", type=int, default=32, help="calibration texts for the SmolLM2 part")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per calibration batch (PEFT's EVA updates once per batch)")
     p.add_argument("--skip-decomposition", action="store_true")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--update", action="store_true", help="keep the other section of an existing --out file")
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
 
     if not args.skip_model:
         print("(ii) SmolLM2: PEFT EVA vs statistics", flush=True)
-        out["smollm2"] = bench_smollm2(args.r, args.rho, args.texts)
+        out["smollm2"] = bench_smollm2(args.r, args.rho, args.texts, args.batch_size)
         save()
     if not args.skip_decomposition:
         print("(i) decomposition", flush=True)
