@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from conftest import tiny_llama
+from conftest import random_batches, tiny_llama
 from sensitivity_lora.evaluation.finetune import TrainConfig
 from sensitivity_lora.evaluation.methods import METHODS
 from test_evaluation import _texts, one_thread, tiny_classification, tokenizer  # noqa: F401 (fixtures)
@@ -39,3 +39,21 @@ def test_tsqlora_on_classification_uses_the_labelled_calibration(tokenizer):
     config = TrainConfig(steps=10, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     record = run_classification(encoder, tokenizer, articles, METHODS["tsqlora"], 2, 0, config, task)
     assert 0 <= record["accuracy"] <= 1 and record["rank_sum"] == 24 and record["refreshes"] == 10
+
+
+def test_the_sharpness_variants_set_the_effective_sample_size(tokenizer):
+    from sensitivity_lora.evaluation.classification import run_classification
+    from sensitivity_lora.evaluation.methods import build_adapted
+
+    for name, target in (("tsqlora-sampling-ess25", 0.25), ("tsqlora-sampling-ess90", 0.9),
+                         ("tsqlora-sampling", 0.5)):
+        adapted = build_adapted(tiny_llama(), METHODS[name], 2, random_batches(2), total_steps=20,
+                                task_type="CAUSAL_LM")
+        assert adapted.tsqlora.quality.ess_fraction == target and adapted.tsqlora.ranks is None, name
+    # in a run, each refresh's draw keeps it (a flat draw is always reachable; a sharp one can stop at
+    # the rows tied at the top score, which the tiny data set here has)
+    encoder, articles, task = tiny_classification(tokenizer)
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
+    record = run_classification(encoder, tokenizer, articles, METHODS["tsqlora-sampling-ess90"], 2, 0, config, task)
+    fractions = [r["effective_fraction"] for r in record["refresh_log"]]
+    assert len(fractions) == 6 and all(abs(f - 0.9) < 0.01 for f in fractions), fractions

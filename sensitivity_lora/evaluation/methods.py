@@ -21,7 +21,8 @@ A matrices) are chosen:
 - ``tsqlora``: TsqLoRA (:mod:`sensitivity_lora.training`, docs/method.md): ranks from first-order
   sensitivity on the labelled calibration batches, moved during training on AdaLoRA's schedule
   (Σ r = r̄·M throughout), and training rows drawn by quality score; ``tsqlora-sampling`` is the
-  sampling alone (uniform ranks), ``tsqlora-ranks`` the ranks alone (the shared batch plan).
+  sampling alone (uniform ranks), ``tsqlora-ranks`` the ranks alone (the shared batch plan);
+  ``tsqlora-sampling-ess25`` / ``-ess90`` the sampling with a sharper / flatter draw.
 """
 from __future__ import annotations
 
@@ -83,6 +84,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "TsqLoRA's quality-aware sampling alone, uniform ranks"),
     Method("tsqlora-ranks", "tsqlora", {"sampling": False, "ranks": True},
            "TsqLoRA's dynamic ranks alone, the shared batch plan"),
+    # how sharp the draw is: the effective sample size kept by the automatic τ (default 0.5 of the pool)
+    Method("tsqlora-sampling-ess25", "tsqlora", {"sampling": True, "ranks": False, "ess_fraction": 0.25},
+           "tsqlora-sampling with a sharper draw: n_eff = 25 % of the pool"),
+    Method("tsqlora-sampling-ess90", "tsqlora", {"sampling": True, "ranks": False, "ess_fraction": 0.9},
+           "tsqlora-sampling with a flatter draw: n_eff = 90 % of the pool"),
 )}
 
 
@@ -252,5 +258,7 @@ def _tsqlora(model: nn.Module, method: Method, avg_rank: int, alpha: float, targ
                                 window=max(1, min(phases["deltaT"], 10)))
     else:
         peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
-    quality = QualityConfig(refresh_every=max(1, total_steps // 10)) if method.allocation["sampling"] else None
+    quality = (QualityConfig(refresh_every=max(1, total_steps // 10),
+                             ess_fraction=method.allocation.get("ess_fraction", QualityConfig.ess_fraction))
+               if method.allocation["sampling"] else None)
     return peft_model, TsqLoRAConfig(quality=quality, ranks=schedule)
