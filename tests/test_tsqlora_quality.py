@@ -172,3 +172,41 @@ def test_exact_loss_drop_when_only_a_bias_of_a_layer_trains():
     assert any(name.endswith("base_layer") for name in grads.biases)  # the query layers' own biases
     batched = losses_after_steps(model, batch, grads, torch.full((3,), 0.2))
     torch.testing.assert_close(batched, loop_stepped_losses(model, batch, torch.full((3,), 0.2)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainable_linear_the_forward_never_calls_has_a_zero_per_sample_gradient():
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_bert
+    from sensitivity_lora.evaluation.classification import MeanPoolClassifier
+
+    torch.manual_seed(2)
+    model = get_peft_model(MeanPoolClassifier(tiny_bert(), 3), LoraConfig(r=2, target_modules=["query"],
+                                                                         init_lora_weights=False)).eval()
+    batch = {**random_batches(1, batch=3, seq=8)[0], "labels": torch.tensor([0, 2, 1])}
+    before = per_sample_gradients(model, batch)
+    model.base_model.model.spare = torch.nn.Linear(4, 4)  # trainable, never called (an unused branch, an idle expert)
+    after = per_sample_gradients(model, batch)
+    assert not any("spare" in name for name in after.weights)
+    torch.testing.assert_close(after.sq_norms(), before.sq_norms(), rtol=0, atol=0)
+    torch.testing.assert_close(losses_after_steps(model, batch, after, torch.full((3,), 0.2)),
+                               losses_after_steps(model, batch, before, torch.full((3,), 0.2)), rtol=0, atol=0)
+
+
+def test_which_models_shift_their_token_labels():
+    from types import SimpleNamespace
+
+    from sensitivity_lora.training.per_sample import is_causal_lm
+
+    def model(name: str, encoder_decoder: bool | None = None):
+        cls = type(name, (torch.nn.Module,), {})
+        m = cls()
+        if encoder_decoder is not None:
+            m.config = SimpleNamespace(is_encoder_decoder=encoder_decoder)
+        return m
+
+    assert is_causal_lm(model("LlamaForCausalLM")) and is_causal_lm(model("GPT2LMHeadModel"))
+    assert is_causal_lm(model("LlavaForConditionalGeneration", encoder_decoder=False))  # decoder-only VLM
+    assert not is_causal_lm(model("T5ForConditionalGeneration", encoder_decoder=True))
+    assert not is_causal_lm(model("WhisperForConditionalGeneration"))  # no config: not assumed decoder-only
+    assert not is_causal_lm(model("BertForSequenceClassification", encoder_decoder=False))

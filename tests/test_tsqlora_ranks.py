@@ -32,12 +32,13 @@ def peft_llama(r: int = 4, seed: int = 0, **kwargs):
 
 
 def test_first_order_sensitivity_is_mean_abs_w_times_grad_and_leaves_the_model_as_it_was():
-    model = tiny_llama()
+    model = tiny_llama().train()  # in training mode, so that the mode coming back is checked
     batches = labelled(random_batches(2, batch=3, seq=10))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     scores = first_order_sensitivity(model, batches, TARGETS)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    model.eval()  # the reference below runs without dropout, as the measurement did
     names = list(scores)
     reference = {n: 0.0 for n in names}
     for batch in batches:  # the plain definition: weights requiring grad, autograd, |W ⊙ ∇W|
@@ -209,3 +210,64 @@ def test_direction_scores_rank_directions_by_what_removing_them_does_to_the_loss
     # the first-order estimate tracks the real change: its least and most important directions agree
     assert actual[int(scores.argmin())] < actual[int(scores.argmax())]
     assert actual[int(scores.argmin())] <= sorted(actual)[2]
+
+
+def _adam_after_steps(model, batch, steps: int = 2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_a_failed_rank_change_leaves_the_model_and_the_optimiser_as_they_were():
+    model = peft_llama(r=4)
+    batch = labelled(random_batches(1, batch=3, seq=10, seed=2))[0]
+    opt = _adam_after_steps(model, batch)
+    ranks = DynamicRanks(model, RankSchedule(every=1, window=1, stop=10, max_moves=6))
+    names = list(ranks.layers)
+    for name in names[1:]:  # an optimiser state this code cannot carry, on every layer but the first
+        b = ranks.layers[name].lora_B["default"].weight
+        opt.state[b]["odd"] = torch.zeros(3)
+    model.train()
+    ranks.step_begin(0)
+    model(**batch).loss.backward()
+    params = {n: p for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    before = ranks.ranks()
+    with pytest.raises(ValueError, match="cannot be carried"):
+        ranks.reallocate(opt, 1)
+    assert ranks.ranks() == before and {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())  # no parameter was swapped
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in params.values() if p.requires_grad]
+    for p, s in opt.state.items():
+        assert s.keys() == state[id(p)].keys() and all(torch.equal(s[k], state[id(p)][k]) for k in s)
+    # the same on one layer: the B failure comes after A's new tensors were built, and A is untouched
+    layer = ranks.layers[names[1]]
+    a = layer.lora_A["default"].weight
+    with pytest.raises(ValueError, match="cannot be carried"):
+        resize_lora_layer(layer, "default", torch.arange(2), 5, opt)
+    assert layer.lora_A["default"].weight is a and layer.r["default"] == before[names[1]] and a in opt.state
+
+
+def test_a_step_stop_schedules_changes_without_the_total_step_count():
+    ranks = DynamicRanks(peft_llama(r=4), RankSchedule(every=3, stop=9))
+    assert ranks.change_steps == [3, 6, 9]
+    assert DynamicRanks(peft_llama(r=4), RankSchedule(every=3, stop=0.5)).change_steps == []  # waits for the total
+
+
+def test_the_sensitivity_probe_skips_steps_whose_gradient_overflowed():
+    from sensitivity_lora.training.sensitivity import SensitivityProbe
+
+    model = peft_llama(r=4)
+    batch = labelled(random_batches(1, batch=3, seq=10, seed=4))[0]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    probe = SensitivityProbe({"q": layer})
+    probe.attach()
+    (model(**batch).loss * float("inf")).backward()  # what an fp16 overflow step looks like
+    assert probe.calls["q"] == 0 and probe.scores()["q"] == 0.0
+    model.zero_grad()
+    model(**batch).loss.backward()
+    probe.detach()
+    assert probe.calls["q"] == 1 and 0 < probe.scores()["q"] < float("inf")

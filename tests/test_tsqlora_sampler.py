@@ -28,10 +28,11 @@ def test_empirical_frequencies_match_softmax_q_over_tau(temperature):
     drawn = torch.tensor(list(sampler))
     assert set(drawn.tolist()) <= set(pool)
     counts = torch.tensor([(drawn == i).sum() for i in pool], dtype=torch.float64)
-    probs = sampling_probabilities(scores, temperature)
+    # the expected frequencies written out by hand, not through the sampler's own function
+    weights = [1.0 if math.isinf(temperature) else math.exp(float(q) / temperature) for q in scores]
+    probs = torch.tensor([w / sum(weights) for w in weights], dtype=torch.float64)
     assert chi_square(counts, probs) < CHI2_9_999
-    if math.isinf(temperature):
-        torch.testing.assert_close(probs, torch.full((n,), 0.1, dtype=torch.float64))
+    torch.testing.assert_close(sampling_probabilities(scores, temperature), probs)
 
 
 def test_the_sampler_is_reproducible_and_refreshes_take_effect_at_once():
@@ -88,7 +89,8 @@ def test_auto_temperature_two_rows_by_hand():
 
 @pytest.mark.parametrize("kwargs", [{"n_examples": 0}, {"n_examples": 5, "temperature": 0.0},
                                     {"n_examples": 5, "pool_size": 0}, {"n_examples": 5, "temperature": "hot"},
-                                    {"n_examples": 5, "ess_fraction": 0.0}, {"n_examples": 5, "ess_fraction": 1.5}])
+                                    {"n_examples": 5, "ess_fraction": 0.0}, {"n_examples": 5, "ess_fraction": 1.5},
+                                    {"n_examples": 5, "num_samples": -1}])
 def test_sampler_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         QualitySampler(**kwargs)
@@ -97,3 +99,14 @@ def test_sampler_rejects_bad_arguments(kwargs):
         sampler.set_scores([0, 1], torch.tensor([1.0]))
     with pytest.raises(ValueError, match="finite"):
         sampler.set_scores([0], torch.tensor([math.nan]))
+
+
+def test_pools_come_in_random_order_so_scoring_chunks_mix_a_sorted_data_set():
+    whole = QualitySampler(160, pool_size=None, seed=0)
+    assert sorted(whole.pool.tolist()) == list(range(160)) and whole.pool.tolist() != list(range(160))
+    part = QualitySampler(160, pool_size=64, seed=0)
+    pool = part.pool.tolist()
+    assert len(set(pool)) == 64 and pool != sorted(pool)
+    # a set stored by class (32 rows each): every scoring chunk of 16 holds rows of more than one class
+    assert all(len({i // 32 for i in pool[k:k + 16]}) > 1 for k in range(0, 64, 16))
+    assert QualitySampler(160, pool_size=64, seed=0).pool.tolist() == pool  # reproducible

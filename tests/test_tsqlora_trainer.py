@@ -94,3 +94,16 @@ def test_tsqlora_trainer_rejects_a_non_trainer_and_bad_configs():
         tsqlora_trainer(object)
     with pytest.raises(ValueError, match="QualityConfig"):
         TsqLoRAConfig(quality={"temperature": 1})
+
+
+def test_a_resumed_run_says_that_its_draws_differ_and_rescores(tmp_path, caplog):
+    from transformers import TrainerControl, TrainerState
+
+    data = Rows()
+    model, _ = tsqlora_model(data)
+    callback = TsqLoRACallback(TsqLoRAConfig(quality=None, ranks=RankSchedule(every=4, window=2)))
+    state = TrainerState(max_steps=12, global_step=5)  # what a run resumed from a step-5 checkpoint starts with
+    with caplog.at_level("WARNING", logger="sensitivity_lora.training.trainer"):
+        callback.on_train_begin(arguments(tmp_path), state, TrainerControl(), model=model)
+    assert "resumed at step 5" in caplog.text
+    assert callback.run is not None and callback.run.dynamic.change_steps == [4, 8]  # step 8 is still ahead

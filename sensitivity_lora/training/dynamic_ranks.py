@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checks import check_positive_int
-from .resize import check_resizable, resize_lora_layer
+from .resize import check_resizable, prepare_resize
 from .sensitivity import SensitivityProbe, ranks_from_scores
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,11 @@ class DynamicRanks:
         self.generator = torch.Generator().manual_seed(self.schedule.seed)
         self.change_steps: list[int] = []
         self.history: list[dict[str, Any]] = [{"step": 0, "ranks": self.ranks()}]
-        if total_steps is not None:
-            self.set_total_steps(total_steps)
+        if total_steps is not None or not isinstance(self.schedule.stop, float):
+            self.set_total_steps(total_steps)  # a fractional stop waits for the Trainer's step count
         self.write_config()
 
-    def set_total_steps(self, total_steps: int) -> None:
+    def set_total_steps(self, total_steps: int | None) -> None:
         self.change_steps = self.schedule.steps(total_steps)
 
     def ranks(self) -> dict[str, int]:
@@ -158,6 +158,7 @@ class DynamicRanks:
                                    budget=self.budget)
         new = move_towards(current, target, self.max_moves)
         changes = {n: (current[n], new[n]) for n in new if new[n] != current[n]}
+        commits = []  # every layer prepared before any changes: an error leaves the model and the optimiser as they were
         for name, (old, rank) in changes.items():
             keep = torch.arange(old)
             if rank < old:  # drop the directions whose removal changes the loss least, to first order
@@ -166,7 +167,9 @@ class DynamicRanks:
                     keep = importance.argsort(descending=True, stable=True)[:rank].sort().values
                 else:
                     keep = keep[:rank]
-            resize_lora_layer(self.layers[name], self.adapter_name, keep, rank, optimizer, self.generator)
+            commits.append(prepare_resize(self.layers[name], self.adapter_name, keep, rank, optimizer, self.generator))
+        for commit in commits:
+            commit()
         if sum(self.ranks().values()) != self.budget:  # pragma: no cover - move_towards keeps the sum
             raise RuntimeError(f"rank budget broken: {sum(self.ranks().values())} != {self.budget}")
         self.probe.reset()

@@ -53,9 +53,14 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
+    """Whether token labels are shifted by one: a decoder-only language model (``*ForCausalLM``, ``*LMHeadModel``,
+    and decoder-only ``*ForConditionalGeneration`` such as vision-language models), not a seq2seq model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
-    return "CausalLM" in name or "LMHead" in name
+    if "CausalLM" in name or "LMHead" in name:
+        return True
+    config = getattr(base, "config", None)
+    return "ForConditionalGeneration" in name and not getattr(config, "is_encoder_decoder", True)
 
 
 def sample_losses(model: nn.Module, output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -92,12 +97,12 @@ class PerSampleGradients:
         return list(self.weights.values()) + list(self.biases.values())
 
     def sq_norms(self) -> torch.Tensor:
-        """‖∇ℓ_n‖² over all trainable parameters, [N]."""
-        return sum(t.flatten(1).pow(2).sum(1) for t in self.tensors())
+        """‖∇ℓ_n‖² over all trainable parameters, [N] (on the losses' device: a sharded model's layers differ)."""
+        return sum(t.flatten(1).pow(2).sum(1).to(self.losses.device) for t in self.tensors())
 
     def gram(self) -> torch.Tensor:
         """⟨∇ℓ_n, ∇ℓ_m⟩ for every pair, [N, N]."""
-        return sum(t.flatten(1) @ t.flatten(1).T for t in self.tensors())
+        return sum((t.flatten(1) @ t.flatten(1).T).to(self.losses.device) for t in self.tensors())
 
 
 def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,7 +130,9 @@ def per_sample_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor],
             output = model(**_model_inputs(batch))
             losses = (loss_fn or sample_losses)(model, output, batch)
             outputs = [y for name in layers for _, y in calls[name]]
-            if not outputs or not all(y.requires_grad for y in outputs):
+            if not outputs:
+                raise ValueError("no trainable linear layer was called by the model's forward on this batch")
+            if not all(y.requires_grad for y in outputs):
                 raise ValueError("a trainable layer's output does not require grad: is the model under torch.no_grad?")
             grads = iter(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
     finally:
@@ -134,6 +141,8 @@ def per_sample_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor],
     n = losses.shape[0]
     weights, biases = {}, {}
     for name, module in layers.items():
+        if not calls[name]:  # not called on this batch (an inactive branch, an expert with no tokens): ∇ = 0
+            continue
         xs, gs = [], []
         for x, y in calls[name]:
             g = next(grads)

@@ -8,12 +8,12 @@
   weights: what it adds is the curvature, −(η²/2)∇ℓᵀH∇ℓ + …, which lowers the score of samples
   whose large gradient points up a steep wall (outliers, mislabelled rows). ``"first-order"`` is
   the cheap variant, kept for comparison.
-- ΔC(x), the convergence term (not public; this is our choice): the first-order drop of the
-  *other* candidates' mean loss after a step on x, ⟨∇ℓ(x), ḡ₋ₓ⟩ with ḡ₋ₓ the mean gradient of the
-  other samples of its scoring chunk. Term 2 asks whether a step on x helps x; this one asks
-  whether it moves the training objective towards convergence, which separates samples that
-  carry the common signal from idiosyncratic ones with the same gradient norm. It comes from the
-  Gram matrix of the per-sample gradients, at no extra pass.
+- ΔC(x), the convergence term (not public; this is our choice): the first-order drop of the *other*
+  candidates' mean loss after a step on x, ⟨∇ℓ(x), ḡ₋ₓ⟩ with ḡ₋ₓ the mean gradient of the other
+  samples of its scoring chunk (the chunks are random subsets of the pool). Term 2 asks whether a
+  step on x helps x; this one asks whether it moves the training objective towards convergence,
+  which separates samples that carry the common signal from idiosyncratic ones with the same
+  gradient norm. It comes from the Gram matrix of the per-sample gradients, at no extra pass.
 
 Each term is z-normalised across the pool (mean 0, standard deviation 1; a constant term is 0)
 before the α's weight it, so the α's are comparable whatever the loss scale.
@@ -133,7 +133,9 @@ def chunks(indices: Sequence[int], size: int) -> list[list[int]]:
 def score_candidates(model: nn.Module, make_batch: MakeBatch, indices: Sequence[int], config: QualityConfig,
                      loss_fn: SampleLossFn | None = None) -> QualityTerms:
     """The three terms for the candidates ``indices`` (``make_batch(rows)`` gives a labelled batch on the
-    model's device). The model is scored in eval mode (no dropout) and left in the mode it was in."""
+    model's device). The model is scored in eval mode (no dropout) and left in the mode it was in.
+    Chunks are consecutive runs of ``indices`` and ΔC compares rows within a chunk, so pass them in
+    random order (the sampler's pools are), not sorted by class or source."""
     import time
 
     if not indices:

@@ -14,7 +14,7 @@ to a few times larger than a fresh Adam's (m̂/√v̂ starts at (1−β₁)/√(
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,24 +45,16 @@ def _resized(old: torch.Tensor, keep: torch.Tensor, fresh: torch.Tensor, dim: in
     return torch.cat([old.index_select(dim, keep.to(old.device)), fresh.to(old)], dim)
 
 
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
-                       keep: torch.Tensor, n_new: int, dim: int) -> None:
+def _carried_state(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, keep: torch.Tensor, n_new: int,
+                   dim: int) -> dict[str, Any] | None:
+    """The optimiser state of ``old``'s replacement (kept slices, zeros for new ones); checks only, changes nothing."""
     if optimizer is None:
-        return
-    found = False
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-                found = True
-    if not found:
+        return None
+    if not any(p is old for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("a LoRA parameter is not in the optimiser: create the optimiser over the adapter's "
                          "parameters before changing ranks")
-    state = optimizer.state.pop(old, None)
-    if not state:
-        return
     carried = {}
-    for key, value in state.items():
+    for key, value in (optimizer.state.get(old) or {}).items():
         if isinstance(value, torch.Tensor) and value.shape == old.shape:
             shape = list(value.shape)
             shape[dim] = n_new
@@ -72,13 +64,27 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Paramete
                              f"{tuple(old.shape)}: this optimiser's state cannot be carried across a rank change")
         else:
             carried[key] = value  # the step count and other scalars
-    optimizer.state[new] = carried
+    return carried
 
 
-def resize_lora_layer(layer: nn.Module, adapter_name: str, keep: torch.Tensor, new_rank: int,
-                      optimizer: Any = None, generator: torch.Generator | None = None) -> None:
-    """Give ``layer`` rank ``new_rank``: the directions ``keep`` (indices, in this order) stay, the rest go,
-    ``new_rank − len(keep)`` fresh ones are appended. ``optimizer`` (if given) follows the parameters."""
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
+                       carried: dict[str, Any] | None) -> None:
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+    had_state = bool(optimizer.state.pop(old, None))
+    if had_state:
+        optimizer.state[new] = carried
+
+
+def prepare_resize(layer: nn.Module, adapter_name: str, keep: torch.Tensor, new_rank: int,
+                   optimizer: Any = None, generator: torch.Generator | None = None) -> Callable[[], None]:
+    """Every check and every new tensor of :func:`resize_lora_layer`, with nothing changed yet: the returned
+    function commits the change. A caller resizing several layers prepares them all first, so an error in
+    any leaves the model and the optimiser as they were."""
     check_resizable(layer, adapter_name)
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     rank = int(layer.r[adapter_name])
@@ -90,6 +96,7 @@ def resize_lora_layer(layer: nn.Module, adapter_name: str, keep: torch.Tensor, n
     lin_a, lin_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
     a, b = lin_a.weight, lin_b.weight
     n_new = new_rank - keep.numel()
+    state_a, state_b = _carried_state(opt, a, keep, n_new, 0), _carried_state(opt, b, keep, n_new, 1)
     fresh_a = torch.empty(n_new, a.shape[1], dtype=torch.float32)
     if n_new:  # PEFT's own init of A (kaiming_uniform_, a = √5); B = 0 keeps the function
         nn.init.kaiming_uniform_(fresh_a, a=math.sqrt(5), generator=generator)
@@ -97,11 +104,23 @@ def resize_lora_layer(layer: nn.Module, adapter_name: str, keep: torch.Tensor, n
         new_a = nn.Parameter(_resized(a.detach(), keep, fresh_a, 0), requires_grad=a.requires_grad)
         new_b = nn.Parameter(_resized(b.detach(), keep, torch.zeros(b.shape[0], n_new), 1),
                              requires_grad=b.requires_grad)
-    _swap_in_optimizer(opt, a, new_a, keep, n_new, 0)
-    _swap_in_optimizer(opt, b, new_b, keep, n_new, 1)
-    lin_a.weight, lin_a.out_features = new_a, new_rank
-    lin_b.weight, lin_b.in_features = new_b, new_rank
     scale = float(layer.scaling[adapter_name])
-    layer.r[adapter_name] = new_rank
-    rslora = layer.use_rslora.get(adapter_name, False)
-    layer.lora_alpha[adapter_name] = scale * (math.sqrt(new_rank) if rslora else new_rank)
+    alpha = scale * (math.sqrt(new_rank) if layer.use_rslora.get(adapter_name, False) else new_rank)
+
+    def commit() -> None:
+        _swap_in_optimizer(opt, a, new_a, state_a)
+        _swap_in_optimizer(opt, b, new_b, state_b)
+        lin_a.weight, lin_a.out_features = new_a, new_rank
+        lin_b.weight, lin_b.in_features = new_b, new_rank
+        layer.r[adapter_name] = new_rank
+        layer.lora_alpha[adapter_name] = alpha
+
+    return commit
+
+
+def resize_lora_layer(layer: nn.Module, adapter_name: str, keep: torch.Tensor, new_rank: int,
+                      optimizer: Any = None, generator: torch.Generator | None = None) -> None:
+    """Give ``layer`` rank ``new_rank``: the directions ``keep`` (indices, in this order) stay, the rest go,
+    ``new_rank − len(keep)`` fresh ones are appended. ``optimizer`` (if given) follows the parameters; on an
+    error nothing has changed."""
+    prepare_resize(layer, adapter_name, keep, new_rank, optimizer, generator)()

@@ -37,6 +37,7 @@ class QualitySampler(Sampler[int]):
         check_positive_int("n_examples (the training rows)", n_examples)
         check_temperature(temperature, ess_fraction)
         check_positive_int("pool_size", pool_size, allow_none=True)
+        check_positive_int("num_samples", num_samples, allow_none=True)
         self.n_examples = n_examples
         self.temperature = temperature if temperature == AUTO else float(temperature)
         self.ess_fraction = float(ess_fraction)
@@ -50,11 +51,11 @@ class QualitySampler(Sampler[int]):
         self.new_pool()
 
     def new_pool(self) -> list[int]:
-        """Draw the next candidate pool (uniform, without replacement; sorted), sampled uniformly until scored."""
-        if self.pool_size == self.n_examples:
-            pool = torch.arange(self.n_examples)
-        else:
-            pool = torch.randperm(self.n_examples, generator=self._pools)[: self.pool_size].sort().values
+        """Draw the next candidate pool (uniform, without replacement), sampled uniformly until scored. The
+        pool is in random order, also when it is the whole set: scoring cuts it into consecutive chunks and
+        compares each row with its chunk (ΔC), so a data set stored by class or by source must not give
+        chunks of one class."""
+        pool = torch.randperm(self.n_examples, generator=self._pools)[: self.pool_size]
         self.pool = pool
         self.probs = torch.full((len(pool),), 1.0 / len(pool), dtype=torch.float64)
         return pool.tolist()

@@ -83,6 +83,8 @@ class SensitivityProbe:
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
         d_in = x.shape[-1]
         g = grad.reshape(-1, grad.shape[-1]).float()
+        if not torch.isfinite(g).all():  # an fp16 overflow step (the grad scaler skips it): nothing to learn from
+            return
         grad_w = g.T @ x.reshape(-1, d_in).float()  # ∇_W ℓ in (d_out, d_in), this call's tokens
         parts = lora_parts(module, self.adapter_name)
         base = getattr(module, "base_layer", module)

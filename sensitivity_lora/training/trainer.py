@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from .loop import TsqLoRAConfig, TsqLoRARun
 from .quality import MakeBatch
-from .sampler import QualitySampler, effective_fraction
+from .sampler import QualitySampler
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ class TsqLoRACallback(TrainerCallback):
         if args.world_size > 1:  # each process would measure its own sensitivity and resize differently
             raise ValueError(f"TsqLoRA runs in one process (got world_size={args.world_size}): rank changes and "
                              "pool scores are not synchronised across processes yet")
+        if getattr(args, "n_gpu", 1) > 1:  # DataParallel: its replicas' threads would all write to one probe
+            raise ValueError(f"TsqLoRA runs on one device (got n_gpu={args.n_gpu}, i.e. DataParallel): set "
+                             "CUDA_VISIBLE_DEVICES to one GPU")
+        if state.global_step > 0:
+            log.warning("TsqLoRA: resumed at step %d; the sampler's pool and draws and the rank probe are not in the "
+                        "checkpoint, so the run rescores now and its rows differ from an uninterrupted run's "
+                        "(build the model from the checkpoint's adapter_config.json if ranks had changed)",
+                        state.global_step)
         config = self.config
         if self.sampler is None and config.quality is not None:
             log.warning("TsqLoRA: no quality sampler is bound (use TsqLoRATrainer or tsqlora_trainer(cls)); "
