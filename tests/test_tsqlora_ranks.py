@@ -271,3 +271,12 @@ def test_the_sensitivity_probe_skips_steps_whose_gradient_overflowed():
     model(**batch).loss.backward()
     probe.detach()
     assert probe.calls["q"] == 1 and 0 < probe.scores()["q"] < float("inf")
+
+
+def test_a_budget_that_cannot_fit_under_the_caps_is_refused_at_the_start():
+    DynamicRanks(peft_llama(r=4), RankSchedule(rho=1.0), total_steps=10)  # Σr = M·r̄ fits exactly under ρ = 1
+    model = peft_llama(r=4)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.r["default"] = 5  # one module above r̄ = Σr / M while ρ = 1 caps every module at ⌊r̄⌋
+    with pytest.raises(ValueError, match="does not fit"):
+        DynamicRanks(model, RankSchedule(rho=1.0), total_steps=10)

@@ -118,6 +118,10 @@ class DynamicRanks:
         self.avg_rank = self.budget / len(self.layers)
         if self.budget < self.schedule.r_min * len(self.layers):
             raise ValueError(f"the rank budget {self.budget} is below r_min = {self.schedule.r_min} per module")
+        caps = sum(min(min(d), int(self.schedule.rho * self.avg_rank)) for d in self.dims.values())
+        if self.budget > caps:  # found now, not at the first change after the compute is spent
+            raise ValueError(f"the rank budget {self.budget} does not fit under the caps min(d_in, d_out, "
+                             f"⌊ρ·r̄⌋) of the {len(self.layers)} modules (Σ = {caps}): raise rho")
         self.max_moves = self.schedule.max_moves or max(1, math.ceil(self.budget / 10))
         self.probe = SensitivityProbe(self.layers, adapter_name, training_only=True)
         self.generator = torch.Generator().manual_seed(self.schedule.seed)

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from .loop import TsqLoRAConfig, TsqLoRARun
 from .quality import MakeBatch
+from .resize import inner_optimizer
 from .sampler import QualitySampler
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class TsqLoRACallback(TrainerCallback):
             log.warning("TsqLoRA: no quality sampler is bound (use TsqLoRATrainer or tsqlora_trainer(cls)); "
                         "sampling stays the Trainer's own")
             config = TsqLoRAConfig(None, config.ranks, config.loss_fn, config.adapter_name)
+        optimizer = kwargs.get("optimizer")
+        if config.ranks is not None and optimizer is not None:
+            inner_optimizer(optimizer)  # an optimiser whose state cannot follow a rank change fails now, not later
         self.run = TsqLoRARun(model, config, state.max_steps, make_batch=self.make_batch, sampler=self.sampler)
         self.run.refresh(state.global_step)
 
