@@ -181,3 +181,20 @@ def test_unknown_devices_use_the_reference_ops():
     from sensitivity_lora import ops
 
     assert ops.resolve_backend("accumulate_sumsq", torch.device("meta")) == "reference"
+
+
+def test_the_finite_check_of_full_statistics_reads_the_diagonal_and_catches_overflow():
+    from sensitivity_lora.calibration.statistics import GroupStatistics
+
+    group = GroupStatistics("g", ["g"], 4, "full")
+    x = torch.randn(6, 4)
+    group.add(x, None, 6, 1)
+    group.check_finite()  # finite sums pass
+    big = torch.zeros(2, 4)
+    big[:, 1], big[:, 2] = 3e19, 3e19  # x₁x₂ overflows fp32 products, and so does x₁² on the diagonal
+    overflowed = GroupStatistics("h", ["h"], 4, "full", backend="reference")
+    overflowed.add(big, None, 2, 1)
+    overflowed.sumsq.zero_()  # leave only Σxxᵀ to tell
+    assert not torch.isfinite(overflowed.xtx[1, 2]) or not torch.isfinite(overflowed.xtx[2, 1])
+    with pytest.raises(CalibrationError, match="non-finite"):
+        overflowed.check_finite()

@@ -20,10 +20,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
 #include "cpu_ops.h"
@@ -36,6 +38,19 @@ constexpr int64_t kTokenChunk = 4096;  // same chunking as reference.TOKEN_CHUNK
 constexpr int64_t kLeaf = 256;         // diagonal blocks up to this size are full GEMMs
 constexpr int64_t kMaxTile = 2048;     // bounds the fp32 scratch of one block product
 constexpr int64_t kScratchMaxD = 8192;  // a whole-matrix fp32 scratch up to 256 MiB
+
+// A (rows, cols) fp32 work matrix. Fresh pages cost about as much as the products at these widths
+// (one SmolLM2 batch asks for ~0.4 GB of scratch), so up to kPooledMax bytes it lives in a
+// per-thread pool that only grows and is reused by every later call; above, a plain allocation.
+constexpr int64_t kPooledMax = int64_t{64} << 20;
+
+at::Tensor work_matrix(std::vector<float>& pool, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  const int64_t count = rows * cols;
+  if (count * static_cast<int64_t>(sizeof(float)) > kPooledMax)
+    return at::empty({rows, cols}, options.dtype(at::kFloat));
+  if (pool.size() < static_cast<size_t>(count)) pool.resize(count);
+  return at::from_blob(pool.data(), {rows, cols}, options.dtype(at::kFloat));  // used only inside this call
+}
 
 struct Target {
   at::Tensor acc;   // (d, d) fp64 with stride(1) == 1
@@ -147,7 +162,8 @@ void accumulate_xtx(const at::Tensor& acc, const at::Tensor& x_in, const std::op
                     t.threads);
     return finish();
   }
-  if (d <= kScratchMaxD) t.scratch = at::empty({d, d}, x.options().dtype(at::kFloat));
+  thread_local std::vector<float> scratch_pool, buffer_pool;
+  if (d <= kScratchMaxD) t.scratch = work_matrix(scratch_pool, d, d, x.options());
   if (x.scalar_type() == at::kFloat && !mask.defined() && syrk_usable(x, t)) {
     syrk_chunks(x, kTokenChunk, t);  // every chunk in one parallel region
   } else if (x.scalar_type() == at::kFloat && !mask.defined()) {
@@ -155,7 +171,7 @@ void accumulate_xtx(const at::Tensor& acc, const at::Tensor& x_in, const std::op
   } else {
     const Activation a = activation_of(x);
     const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    at::Tensor buffer = at::empty({std::min(kTokenChunk, n), d}, x.options().dtype(at::kFloat));
+    at::Tensor buffer = work_matrix(buffer_pool, std::min(kTokenChunk, n), d, x.options());
     for (int64_t s = 0; s < n; s += kTokenChunk) {
       const int64_t rows = gather_rows_f32(a, m, s, std::min(kTokenChunk, n - s), buffer.data_ptr<float>(), t.threads);
       if (rows > 0) chunk_products(buffer.narrow(0, 0, rows), t);

@@ -81,7 +81,11 @@ class GroupStatistics:
         self.n_sequences += other.n_sequences
 
     def check_finite(self) -> None:
-        if not torch.isfinite(self.sumsq).all() or not torch.isfinite(self.sum).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
+        # Σxxᵀ through its diagonal only: |Σ x_i x_j| ≤ max(Σ x_i², Σ x_j²) (Cauchy–Schwarz), so an Inf
+        # off the diagonal means one on it, and a NaN in x_i reaches Σ x_i²; reading all d² costs as much
+        # as a batch's products at SmolLM2's widths
+        if not torch.isfinite(self.sumsq).all() or not torch.isfinite(self.sum).all() or (
+                self.xtx is not None and not torch.isfinite(self.xtx.diagonal()).all()):
             raise CalibrationError(
                 f"non-finite activations (NaN/Inf) reached {', '.join(self.members)}; "
                 "the model overflows on this data or dtype: try float32/bfloat16 instead of float16, "
