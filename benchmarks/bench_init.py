@@ -9,7 +9,8 @@ writes ``benchmarks/results/init.json``:
     (and 128, 256 for the small-size threshold), k = 16, 32: dense ``torch.linalg.eigh`` (all pairs; once per d) against ARPACK Lanczos
     (``sensitivity_lora.init.decompose``), and scipy's partial ``eigh(subset_by_index)`` for
     reference up to 4096; the agreement of the Lanczos pairs with the dense ones; what "auto" picks.
-(ii) ``smollm2``: the same calibration batches (32 BBC texts, 128 tokens, batches of 8), r = 8,
+(ii) ``smollm2``: the same calibration batches (``--texts`` BBC texts, default 32, 128 tokens, in
+    batches of ``--batch-size``, default 8: PEFT's estimate depends on the tokens per batch), r = 8,
     ρ = 2, all 210 linear modules: PEFT's ``get_eva_state_dict`` against ``calibrate(hessian="full")``
     + ``eva_init`` (timed together and apart), side by side in one run; the share of modules whose
     ranks equal PEFT's and the mean |cos| of corresponding components; the same two figures for
