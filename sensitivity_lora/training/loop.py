@@ -12,7 +12,7 @@ dynamic ranks, driven by three calls per optimiser step. The Trainer callback an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -97,7 +97,7 @@ class TsqLoRARun:
             self._draws = iter(self._endless())
         return [next(self._draws) for _ in range(batch_size)]
 
-    def _endless(self):
+    def _endless(self) -> Iterator[int]:
         while True:
             yield from self.sampler
 

@@ -119,7 +119,7 @@ def per_sample_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor],
     layers = trainable_linears(model)
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
 
-    def capture(name: str):
+    def capture(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             calls[name].append((inputs[0].detach(), output))
         return hook
@@ -172,7 +172,7 @@ def losses_after_steps(model: nn.Module, batch: Mapping[str, torch.Tensor], grad
     n = grads.losses.shape[0]
     eta = step_sizes.reshape(n)
 
-    def stepped(name: str):
+    def stepped(name: str) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = at_least_fp32(_by_sample(inputs[0], n, name))
             weight = at_least_fp32(module.weight)

@@ -11,7 +11,7 @@ the weight is the effective one, W₀ + s·BA, and the probe also scores each Lo
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class SensitivityProbe:
             handle.remove()
         self._handles = []
 
-    def _forward_hook(self, name: str):
+    def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if (self.training_only and not module.training) or not torch.is_grad_enabled() \
                     or not isinstance(output, torch.Tensor):
