@@ -107,3 +107,15 @@ def test_a_resumed_run_says_that_its_draws_differ_and_rescores(tmp_path, caplog)
         callback.on_train_begin(arguments(tmp_path), state, TrainerControl(), model=model)
     assert "resumed at step 5" in caplog.text
     assert callback.run is not None and callback.run.dynamic.change_steps == [4, 8]  # step 8 is still ahead
+
+
+def test_an_optimiser_the_rank_changes_cannot_reach_is_refused_at_the_start(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    data = Rows()
+    model, _ = tsqlora_model(data)
+    callback = TsqLoRACallback(TsqLoRAConfig(quality=None, ranks=RankSchedule(every=4, window=2)))
+    with pytest.raises(ValueError, match="torch.optim.Optimizer"):
+        callback.on_train_begin(arguments(tmp_path), TrainerState(max_steps=12), TrainerControl(), model=model,
+                                optimizer=object())  # e.g. DeepSpeed's engine optimiser
+    assert callback.run is None

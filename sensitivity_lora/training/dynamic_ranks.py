@@ -26,7 +26,7 @@ from torch import nn
 
 from .checks import check_positive_int
 from .resize import check_resizable, prepare_resize
-from .sensitivity import SensitivityProbe, ranks_from_scores
+from .sensitivity import SensitivityProbe, rank_cap, ranks_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class DynamicRanks:
         self.avg_rank = self.budget / len(self.layers)
         if self.budget < self.schedule.r_min * len(self.layers):
             raise ValueError(f"the rank budget {self.budget} is below r_min = {self.schedule.r_min} per module")
-        caps = sum(min(min(d), int(self.schedule.rho * self.avg_rank)) for d in self.dims.values())
+        caps = sum(rank_cap(d, self.avg_rank, self.schedule.rho) for d in self.dims.values())
         if self.budget > caps:  # found now, not at the first change after the compute is spent
             raise ValueError(f"the rank budget {self.budget} does not fit under the caps min(d_in, d_out, "
                              f"⌊ρ·r̄⌋) of the {len(self.layers)} modules (Σ = {caps}): raise rho")

@@ -11,6 +11,7 @@ the weight is the effective one, W₀ + s·BA, and the probe also scores each Lo
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -83,18 +84,21 @@ class SensitivityProbe:
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
         d_in = x.shape[-1]
         g = grad.reshape(-1, grad.shape[-1]).float()
-        if not torch.isfinite(g).all():  # an fp16 overflow step (the grad scaler skips it): nothing to learn from
-            return
         grad_w = g.T @ x.reshape(-1, d_in).float()  # ∇_W ℓ in (d_out, d_in), this call's tokens
         parts = lora_parts(module, self.adapter_name)
         base = getattr(module, "base_layer", module)
         weight = module_weight(base).float()
+        score = None
         if parts is not None:
             a, b, scale = parts
             weight = weight + scale * (b.float() @ a.float())
             score = scale * ((b.float().T @ grad_w) * a.float()).sum(1).abs()
+        value = float((weight * grad_w).abs().mean())
+        if not math.isfinite(value):  # an fp16 overflow step (the grad scaler skips it): nothing to learn from
+            return
+        if score is not None:
             self.directions[name] = self.directions.get(name, 0) + score.cpu().double()
-        self.sums[name] += float((weight * grad_w).abs().mean())
+        self.sums[name] += value
         self.calls[name] += 1
 
     def scores(self) -> dict[str, float]:
@@ -137,12 +141,17 @@ def first_order_sensitivity(model: nn.Module, batches: Iterable[Mapping[str, tor
     return probe.scores()
 
 
+def rank_cap(dims: tuple[int, int], avg_rank: float, rho: float) -> int:
+    """A module's largest rank: min(d_in, d_out, ⌊ρ·r̄⌋)."""
+    return min(min(dims), int(rho * avg_rank))
+
+
 def ranks_from_scores(scores: Mapping[str, float], dims: Mapping[str, tuple[int, int]], avg_rank: float,
                       rho: float = 4.0, r_min: int = 1, budget: int | None = None) -> dict[str, int]:
     """r ∝ S within [r_min, min(d_in, d_out, ⌊ρ·r̄⌋)], integer, Σ r = round(r̄·M) (or ``budget``): the
     package's SRA rule (docs/method.md §5) with the first-order sensitivity as θ."""
     names = list(scores)
-    caps = np.array([min(min(dims[n]), int(rho * avg_rank)) for n in names], dtype=np.int64)
+    caps = np.array([rank_cap(dims[n], avg_rank, rho) for n in names], dtype=np.int64)
     theta = np.array([max(0.0, float(scores[n])) for n in names])
     ranks = allocate_sra(theta, avg_rank, r_min=r_min, r_max=caps, budget=budget)
     return {n: int(r) for n, r in zip(names, ranks)}

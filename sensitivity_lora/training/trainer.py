@@ -60,7 +60,7 @@ class TsqLoRACallback(TrainerCallback):
             config = TsqLoRAConfig(None, config.ranks, config.loss_fn, config.adapter_name)
         optimizer = kwargs.get("optimizer")
         if config.ranks is not None and optimizer is not None:
-            inner_optimizer(optimizer)  # an optimiser whose state cannot follow a rank change fails now, not later
+            inner_optimizer(optimizer)  # a wrapper with no torch optimiser inside (DeepSpeed's) fails now, not later
         self.run = TsqLoRARun(model, config, state.max_steps, make_batch=self.make_batch, sampler=self.sampler)
         self.run.refresh(state.global_step)
 
