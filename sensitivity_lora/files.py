@@ -61,13 +61,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process's file-creation mask, read without changing it where the system allows."""
+    try:  # Linux ≥ 4.7: no window in which another thread would create files with a changed mask
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it and rename it to ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
+
+    The final file has the mode an ordinary ``open(path, "w")`` gives (0666 less the umask), not the
+    0600 of the private temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~process_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Triton kernels (kernels/) against the fp64 oracles, three ways.
+"""Triton kernels (sensitivity_lora/kernels/) against the fp64 oracles, three ways.
 
 1. Interpreter (no GPU needed): a subprocess with TRITON_INTERPRET=1 runs every
    kernel on CPU inputs that this process drew (fresh random each run), and
@@ -75,7 +75,7 @@ CHOL_CASES = [  # (n, panel, block)
 
 
 def _kernels():
-    """The installed ``sensitivity_lora.kernels`` package (the top-level kernels/ folder; ``pip install -e .``).
+    """The ``sensitivity_lora.kernels`` package.
 
     Imported directly, not through the triton backend, which refuses to load without a GPU or the
     interpreter (AOT compilation needs neither)."""

@@ -28,7 +28,8 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> No
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds: one run per method and seed")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps, the same for every method")
     p.add_argument("--batch-size", type=int, default=batch, help="training samples per optimizer step")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warm-up 10 %%, linear decay)")
+    p.add_argument("--lr", type=float, nargs="+", default=[lr],
+                   help="peak learning rate(s) (linear warm-up 10 %%, linear decay); several: one grid each")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="also score the held-out set every N steps (the convergence curves; 0: only at the end)")
@@ -58,6 +59,10 @@ def add_parser(subparsers) -> None:
                     help="a BBC News category, or 'python-docs' (docstrings of Python's standard library)")
     lm.add_argument("--n-train", type=int, default=160, help="training texts")
     lm.add_argument("--n-eval", type=int, default=16, help="held-out texts the perplexity is measured on")
+    lm.add_argument("--n-val", type=int, default=0,
+                    help="validation texts, kept apart from training and held-out (for choosing a learning rate)")
+    lm.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="score the held-out texts (test) or the validation texts")
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
     lm.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
     lm.set_defaults(func=cmd_lm)
@@ -94,32 +99,36 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _train_config(args: argparse.Namespace, seed: int):
+def _train_config(args: argparse.Namespace, seed: int, lr: float):
     from ..evaluation.finetune import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr,
                        warmup_steps=max(1, args.steps // 10), seed=seed)
 
 
-def _grid(args, task_name: str, run_one) -> int:
+def _grid(args, task_name: str, run_one, split: str = "test") -> int:
+    """Every (avg_rank, lr, seed, method) run not yet in the results file; ``run_one(method, r, seed, lr)``."""
     from ..evaluation.methods import parse_methods
     from ..evaluation.store import ResultStore
 
     methods = parse_methods(args.methods)
     store = ResultStore(args.out)
     for avg_rank in args.avg_ranks:
-        for seed in args.seeds:
-            for method in methods:
-                if store.has(task_name, method.name, avg_rank, seed):
-                    continue
-                start = time.perf_counter()
-                record = run_one(method, avg_rank, seed)
-                record["wall_seconds"] = time.perf_counter() - start
-                store.add(record)
-                score = record.get("accuracy", record.get("perplexity"))
-                print(f"{task_name} r̄={avg_rank} seed={seed} {method.name:11s} score={score:.4f} "
-                      f"rank_sum={record['rank_sum']} lora_params={record['lora_params']} "
-                      f"setup={record['setup_seconds']:.1f}s train={record['train_seconds']:.1f}s", flush=True)
+        for lr in args.lr:
+            for seed in args.seeds:
+                for method in methods:
+                    if store.has(task_name, method.name, avg_rank, seed, lr, split):
+                        continue
+                    start = time.perf_counter()
+                    record = run_one(method, avg_rank, seed, lr)
+                    record.setdefault("lr", lr)
+                    record.setdefault("split", split)
+                    record["wall_seconds"] = time.perf_counter() - start
+                    store.add(record)
+                    score = record.get("accuracy", record.get("perplexity"))
+                    print(f"{task_name} r̄={avg_rank} lr={lr:g} seed={seed} {method.name:11s} score={score:.4f} "
+                          f"rank_sum={record['rank_sum']} lora_params={record['lora_params']} "
+                          f"setup={record['setup_seconds']:.1f}s train={record['train_seconds']:.1f}s", flush=True)
     return 0
 
 
@@ -133,8 +142,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     articles = bbc_articles()
     task = ClassificationTask(n_train_per_class=args.train_per_class, n_test_per_class=args.test_per_class,
                               max_len=args.max_len, n_calibration=args.n_calibration)
-    return _grid(args, "classification", lambda method, r, seed: run_classification(
-        encoder, tokenizer, articles, method, r, seed, _train_config(args, seed), task, eval_every=args.eval_every))
+    return _grid(args, "classification", lambda method, r, seed, lr: run_classification(
+        encoder, tokenizer, articles, method, r, seed, _train_config(args, seed, lr), task,
+        eval_every=args.eval_every))
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
@@ -145,7 +155,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
     from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
-    task = CausalLMTask(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len)
+    task = CausalLMTask(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len, n_val=args.n_val)
     if args.category == "python-docs":
         from ..evaluation.stability import stdlib_docstrings
 
@@ -153,12 +163,14 @@ def cmd_lm(args: argparse.Namespace) -> int:
     else:
         texts = [t for _, t in bbc_articles([args.category])]
     store = ResultStore(args.out)
-    if not store.has("causal_lm", "base", 0, 0):  # the untrained model, for scale
-        _, held_out = split_texts(texts, task.n_train, task.n_eval, 0)
-        store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0,
-                   "perplexity": perplexity(model, lm_tensors(held_out, tokenizer, task.seq_len), 8)})
-    return _grid(args, "causal_lm", lambda method, r, seed: run_causal_lm(
-        model, tokenizer, texts, method, r, seed, _train_config(args, seed), task, eval_every=args.eval_every))
+    if not store.has("causal_lm", "base", 0, 0, None, args.split):  # the untrained model, for scale
+        _, held_out, validation = split_texts(texts, task.n_train, task.n_eval, 0, task.n_val)
+        scored = held_out if args.split == "test" else validation
+        store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0, "split": args.split,
+                   "perplexity": perplexity(model, lm_tensors(scored, tokenizer, task.seq_len), 8)})
+    return _grid(args, "causal_lm", lambda method, r, seed, lr: run_causal_lm(
+        model, tokenizer, texts, method, r, seed, _train_config(args, seed, lr), task,
+        eval_every=args.eval_every, split=args.split), split=args.split)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:

@@ -28,18 +28,23 @@ class CausalLMTask:
     n_train: int = 160
     n_eval: int = 40
     seq_len: int = 128
+    n_val: int = 0  # validation articles (for choosing a learning rate), kept apart from training and held-out
     n_calibration: int = 32  # training articles the data-driven methods calibrate on
     calibration_batch_size: int = 8
     eval_batch_size: int = 8
 
 
-def split_texts(texts: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out): a fixed held-out set and a seeded draw of training texts from the rest."""
+def split_texts(texts: Sequence[str], n_train: int, n_eval: int, seed: int,
+                n_val: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(train, held-out, validation): fixed held-out and validation sets, and a seeded draw of training
+    texts from the rest (so a learning rate picked on the validation texts never saw the held-out ones)."""
     pool = sorted(texts)
     random.Random(HELDOUT_SPLIT_SEED).shuffle(pool)
-    if len(pool) < n_train + n_eval:
-        raise ValueError(f"{len(pool)} texts are fewer than {n_train} train + {n_eval} held-out; lower the counts")
-    return random.Random(seed).sample(pool[n_eval:], n_train), pool[:n_eval]
+    if len(pool) < n_train + n_eval + n_val:
+        raise ValueError(f"{len(pool)} texts are fewer than {n_train} train + {n_eval} held-out + {n_val} "
+                         "validation; lower the counts")
+    rest = pool[n_eval + n_val:]
+    return random.Random(seed).sample(rest, n_train), pool[:n_eval], pool[n_eval:n_eval + n_val]
 
 
 def lm_tensors(texts: Sequence[str], tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
@@ -71,10 +76,16 @@ def perplexity(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int)
 
 def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method: Method, avg_rank: int,
                   seed: int, train_config: TrainConfig, task: CausalLMTask = CausalLMTask(),
-                  eval_every: int = 0) -> dict[str, Any]:
-    """Fine-tune one method at one seed; returns a JSON-ready record with held-out perplexity.
-    ``eval_every`` > 0 adds the held-out perplexity every that many steps (``eval_curve``)."""
-    train_texts, eval_texts = split_texts(texts, task.n_train, task.n_eval, seed)
+                  eval_every: int = 0, split: str = "test") -> dict[str, Any]:
+    """Fine-tune one method at one seed; returns a JSON-ready record with the perplexity of ``split``:
+    "test" (the held-out texts) or "validation" (``task.n_val`` texts, for choosing a learning rate).
+    ``eval_every`` > 0 adds that perplexity every that many steps (``eval_curve``)."""
+    train_texts, test_texts, val_texts = split_texts(texts, task.n_train, task.n_eval, seed, task.n_val)
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    if split == "validation" and not val_texts:
+        raise ValueError("the validation split is empty: set n_val (--n-val) above 0")
+    eval_texts = test_texts if split == "test" else val_texts
     train_data = lm_tensors(train_texts, tokenizer, task.seq_len)
     eval_data = lm_tensors(eval_texts, tokenizer, task.seq_len)
     calibration = [{k: train_data[k][s:s + task.calibration_batch_size] for k in ("input_ids", "attention_mask")}
@@ -89,6 +100,7 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
     ranks = adapted.ranks()
     record = {
         "task": "causal_lm", "method": method.name, "avg_rank": avg_rank, "seed": seed,
+        "lr": train_config.lr, "split": split, "steps_planned": train_config.steps,
         "perplexity": perplexity(adapted.peft_model, eval_data, task.eval_batch_size),
         "final_train_loss": mean_last(log.losses),
         "setup_seconds": adapted.setup_seconds, "train_seconds": log.seconds,

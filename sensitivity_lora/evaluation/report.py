@@ -256,12 +256,34 @@ def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) 
     return parts
 
 
+def _tuned(records: list[dict[str, Any]], tasks: set[str]) -> list[str]:
+    """The learning-rate grid (validation split) and the test comparison at each method's tuned rate."""
+    from .quality import lr_grid_table, tuned_table
+
+    parts = []
+    for task in sorted(tasks):
+        for avg_rank in sorted({r["avg_rank"] for r in records if r["task"] == task and r["avg_rank"] > 0},
+                               reverse=True):
+            grid = lr_grid_table(records, task, avg_rank)
+            if grid:
+                parts.append(f"### {task}, average rank {avg_rank}: learning-rate grid (validation split)\n\n{grid}\n")
+            table = tuned_table(records, task, avg_rank)
+            if table:
+                parts.append(f"### {task}, average rank {avg_rank}: each method at its tuned rate (test split)\n\n"
+                             f"{table}\n")
+    return parts
+
+
 def write_report(results: Path, out: Path) -> list[Path]:
     """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``."""
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(results)
-    rows = summarize(records)
     parts, written = [], []
+    tuned = {r["task"] for r in records if r.get("split") == "validation"}
+    if tuned:  # a learning-rate study: the grid and the comparison at each method's tuned rate
+        parts += _tuned(records, tuned)
+        records = [r for r in records if r["task"] not in tuned]
+    rows = summarize(records)
     for task in SCORES:
         for avg_rank in sorted({r["avg_rank"] for r in rows if r["task"] == task}, reverse=True):
             if task == "causal_lm" and avg_rank == 0:

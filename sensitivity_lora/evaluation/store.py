@@ -12,15 +12,17 @@ from typing import Any
 
 from ..files import atomic_write_json, json_safe
 
-KEY_FIELDS = ("task", "method", "avg_rank", "seed")
+KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split")
+# Records written before the learning-rate grid and the validation split carry neither field.
+KEY_DEFAULTS = {"lr": None, "split": "test"}
 
 
 def run_key(record: dict[str, Any]) -> tuple:
-    return tuple(record.get(k) for k in KEY_FIELDS)
+    return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in KEY_FIELDS)
 
 
 class ResultStore:
-    """The records of one results file, keyed by (task, method, avg_rank, seed)."""
+    """The records of one results file, keyed by (task, method, avg_rank, seed, lr, split)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -28,8 +30,9 @@ class ResultStore:
         if not isinstance(self.records, list):
             raise ValueError(f"{self.path} is not a results file (expected a JSON list of records)")
 
-    def has(self, task: str, method: str, avg_rank: int, seed: int) -> bool:
-        return (task, method, avg_rank, seed) in {run_key(r) for r in self.records}
+    def has(self, task: str, method: str, avg_rank: int, seed: int, lr: float | None = None,
+            split: str = "test") -> bool:
+        return (task, method, avg_rank, seed, lr, split) in {run_key(r) for r in self.records}
 
     def add(self, record: dict[str, Any]) -> None:
         key = run_key(record)

@@ -31,12 +31,12 @@ stores once, so the file holds one d_in² matrix per input group, not per module
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
 from .covariance import second_moment
 from .state import GroupSums, as_group_sums
 
@@ -61,14 +61,5 @@ def write_corda_covariance_file(path: str | os.PathLike, groups: Mapping[str, Gr
     path = Path(path)
     covariances = corda_covariances(groups, prefix=prefix, scale=scale, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the target and rename, so a crash never leaves a half file CorDA would try to load
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(covariances, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    # written beside the target and renamed, so a crash never leaves a half file CorDA would try to load
+    return atomic_write(path, lambda tmp: torch.save(covariances, tmp))

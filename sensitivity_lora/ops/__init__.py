@@ -3,8 +3,8 @@ choice of backend.
 
 Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (the compiled
 extension ``sensitivity_lora._C``, CPU tensors), ``cuda`` (the compiled CUDA
-extension, CUDA tensors), ``triton`` (kernels in ``sensitivity_lora.kernels``,
-installed from the top-level ``kernels/`` folder). The table itself is
+extension, CUDA tensors), ``triton`` (kernels in ``sensitivity_lora.kernels``).
+The table itself is
 ``registry``; the backend modules register into it when first needed.
 
 Choice, first match wins: the ``backend=`` argument of :func:`get_op`, the

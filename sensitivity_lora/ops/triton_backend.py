@@ -1,5 +1,4 @@
-"""Registers the Triton kernels (``sensitivity_lora.kernels``, from the top-level ``kernels/`` folder) as
-the "triton" backend.
+"""Registers the Triton kernels (``sensitivity_lora.kernels``) as the "triton" backend.
 
 Imported by ``sensitivity_lora.ops`` on demand. Raises ImportError (remembered as the reason the
 backend is unavailable) when triton is missing, when the package was not installed (the kernels

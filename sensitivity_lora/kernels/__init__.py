@@ -1,4 +1,4 @@
-"""Triton kernels of the op table, one file per op (installed as ``sensitivity_lora.kernels``).
+"""Triton kernels of the op table, one file per op.
 
 sumsq.py (accumulate_sumsq), xtx.py (accumulate_xtx), diag_stats.py (diag_stats),
 cholesky.py (blocked Cholesky with a Triton trailing update; cholesky_damped).
