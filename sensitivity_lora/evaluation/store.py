@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import FileFormatError
 from ..files import atomic_write_json, json_safe
 
 KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split")
@@ -26,9 +27,15 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.records: list[dict[str, Any]] = []
+        if self.path.exists():
+            try:
+                self.records = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise FileFormatError(f"{self.path} is not valid JSON ({exc}); fix it or choose another --out "
+                                      "(it is never overwritten while it cannot be read)") from None
         if not isinstance(self.records, list):
-            raise ValueError(f"{self.path} is not a results file (expected a JSON list of records)")
+            raise FileFormatError(f"{self.path} is not a results file (expected a JSON list of records)")
 
     def has(self, task: str, method: str, avg_rank: int, seed: int, lr: float | None = None,
             split: str = "test") -> bool:
