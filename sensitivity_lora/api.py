@@ -7,6 +7,7 @@ in keyword arguments (``compute_allocation(model, batches, avg_rank=8, method="p
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -132,3 +133,53 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
 def check_adapter_name(adapter_name: Any) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+
+
+def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora_alpha: float | None = None,
+                      labels: Sequence[torch.Tensor] | None = None, target_modules: str | Sequence[str] | None = None,
+                      rho: float = 2.0, task_type: str | None = None, damping: float = 0.01, normalise: str = "rows",
+                      lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default"):
+    """(model, labelled data) → (PEFT model started at the rank-r Newton step's subspace, info); see
+    ``sensitivity_lora.init.newton`` and docs/method.md §7.
+
+    One forward + backward over ``batches`` (labels: each batch's ``labels``, else ``labels[i]``, else
+    causal-LM labels from input_ids with padding → −100) gives every target's mean-loss gradient G and,
+    from the same forward, its input group's Σxxᵀ and n; ranks by the global greedy over σ_i² of
+    G·(H + λI)^{-1/2} (Σ r = avg_rank · M, at most round(rho · avg_rank) each, rank 0: no adapter); A = the
+    unit-norm rows of V_rᵀ H^{-1/2}, B = 0, α/r = lora_alpha/avg_rank for every module (lora_alpha
+    defaults to 2 · avg_rank). ``info``: ``ranks``, ``sigma2`` (each module's σ_i² up to its cap),
+    ``predicted_decrease`` (½ Σ_{i≤r} σ_i² per module), ``mean_loss``, ``n_tokens``, ``decompositions``,
+    ``seconds`` {gradient_pass, decomposition, peft, total} and ``init`` (the InitResult).
+    """
+    from .calibration.gradients import gradient_statistics
+    from .init import group_sums_from_statistics, newton_init
+    from .init.newton import check_settings, predicted_decrease
+    from .peft import build_peft_model_from_ranks, check_lora_alpha, check_lora_kwargs
+
+    lora_kwargs = dict(lora_kwargs or {})
+    if task_type is not None:
+        lora_kwargs["task_type"] = task_type
+    check_lora_kwargs(lora_kwargs)  # everything checked before the expensive pass
+    check_lora_alpha(lora_alpha)
+    check_adapter_name(adapter_name)
+    check_settings(avg_rank, rho, damping, normalise=normalise)
+    start = time.perf_counter()
+    passed = gradient_statistics(model, batches, target_modules, labels)
+    after_pass = time.perf_counter()
+    result = newton_init(passed.gradients, group_sums_from_statistics(passed.statistics), avg_rank, rho,
+                         damping=damping, normalise=normalise, order=list(passed.statistics.dims))
+    after_init = time.perf_counter()
+    weights = {m: a.to(torch.float32) for m, a in result.components.items()}
+    peft_model = build_peft_model_from_ranks(model, result.ranks, weights, avg_rank, lora_alpha, adapter_name,
+                                             **lora_kwargs)
+    end = time.perf_counter()
+    info = {
+        "ranks": dict(result.ranks), "sigma2": {m: s.tolist() for m, s in result.scores.items()},
+        "predicted_decrease": predicted_decrease(result), "mean_loss": passed.mean_loss,
+        "n_tokens": passed.statistics.n_tokens, "n_batches": passed.n_batches,
+        "decompositions": result.decompositions, "solvers": dict(result.solvers),
+        "seconds": {"gradient_pass": after_pass - start, "decomposition": after_init - after_pass,
+                    "peft": end - after_init, "total": end - start},
+        "init": result,
+    }
+    return peft_model, info

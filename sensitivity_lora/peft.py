@@ -324,16 +324,25 @@ def build_peft_model(model: nn.Module, allocation: Allocation, config: Any, adap
 
 def apply_initial_weights(peft_model: nn.Module, allocation: Allocation, adapter_name: str = "default") -> None:
     """Copy the allocation's initial A into every LoRA layer and set B = 0 (the adapter starts as the identity)."""
-    import torch
-
     if allocation.initial_weights is None:
         raise ValueError("this allocation has no initial weights (compute it with an init other than 'none')")
+    apply_a_matrices(peft_model, allocation.initial_weights, allocation.ranks(), adapter_name)
+
+
+def apply_a_matrices(peft_model: nn.Module, weights: Mapping[str, Any], ranks: Mapping[str, int],
+                     adapter_name: str = "default") -> None:
+    """Copy ``weights[m]`` (rank × d_in) into the LoRA A of every module m of ``ranks`` and set B = 0;
+    every module of positive rank must have a layer of that rank, no rank-0 module may have one."""
+    import torch
+
     done = set()
     with torch.no_grad():
-        for _, target, module in lora_layers(peft_model, set(allocation.modules), adapter_name):
+        for _, target, module in lora_layers(peft_model, set(ranks), adapter_name):
             if target is None:
                 continue
-            a = allocation.initial_weights[target]
+            if ranks[target] == 0:
+                raise RankMismatchError(f"{target} has a LoRA layer but was given rank 0")
+            a = weights[target]
             weight_a = module.lora_A[adapter_name].weight
             if tuple(weight_a.shape) != tuple(a.shape):
                 raise RankMismatchError(f"{target}: LoRA A has shape {tuple(weight_a.shape)}, the initial weight "
@@ -341,6 +350,28 @@ def apply_initial_weights(peft_model: nn.Module, allocation: Allocation, adapter
             weight_a.copy_(a.to(device=weight_a.device, dtype=weight_a.dtype))
             module.lora_B[adapter_name].weight.zero_()
             done.add(target)
-    missing = [n for n, m in allocation.modules.items() if m.rank > 0 and n not in done]
+    missing = [n for n, r in ranks.items() if r > 0 and n not in done]
     if missing:
         raise RankMismatchError(f"{len(missing)} modules with initial weights have no LoRA layer (e.g. {missing[0]})")
+
+
+def build_peft_model_from_ranks(model: nn.Module, ranks: Mapping[str, int], initial_weights: Mapping[str, Any],
+                                avg_rank: float, lora_alpha: float | None = None, adapter_name: str = "default",
+                                **lora_kwargs: Any):
+    """PEFT's ``get_peft_model`` with per-module ``ranks`` (0: no adapter) from :func:`lora_config_from_ranks`
+    (α/r constant), every layer checked against the config (:func:`verify_ranks`), A = ``initial_weights``
+    and B = 0; on any error the model is put back as it was."""
+    from peft import get_peft_model as peft_get_peft_model
+
+    from .calibration.model_state import ModelState
+
+    config = lora_config_from_ranks(ranks, avg_rank, lora_alpha, **lora_kwargs)
+    before = ModelState.capture(model)
+    try:
+        peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+        verify_ranks(peft_model, config, adapter_name)
+        apply_a_matrices(peft_model, initial_weights, ranks, adapter_name)
+    except BaseException:
+        before.restore()
+        raise
+    return peft_model

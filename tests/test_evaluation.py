@@ -140,7 +140,7 @@ def lm_runs(tokenizer):
     config = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
     texts = _texts(30)
     names = ("uniform", "sra", "sra-rho2", "sra-rhoinf", "sra-params", "eva", "eva-uniform", "eva-ranks", "adalora",
-             "sl-eva", "sra-cov", "sra-cov-params", "uniform-cov", "output-aware")
+             "sl-eva", "sra-cov", "sra-cov-params", "uniform-cov", "output-aware", "newton", "pissa")
     return model, {m: run_causal_lm(model, tokenizer, texts, METHODS[m], 3, 0, config, task) for m in names}
 
 
@@ -156,7 +156,7 @@ def test_rank_budget_is_exact_for_rank_mode_methods(lm_runs):
     _, runs = lm_runs
     n_modules = 14  # 2 blocks × 7 linear layers
     for name in ("uniform", "sra", "sra-rho2", "sra-rhoinf", "eva", "eva-uniform", "adalora", "sl-eva", "sra-cov",
-                 "uniform-cov", "output-aware"):
+                 "uniform-cov", "output-aware", "newton", "pissa"):
         assert runs[name]["rank_sum"] == 3 * n_modules, name
         assert runs[name]["n_modules"] == n_modules
     for name in ("uniform", "eva-uniform"):  # ρ = 1: EVA's initialisation without its redistribution

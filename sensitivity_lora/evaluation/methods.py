@@ -24,6 +24,11 @@ A matrices) are chosen:
   sampling alone (uniform ranks), ``tsqlora-ranks`` the ranks alone (the shared batch plan);
   ``tsqlora-sampling-ess25`` / ``-ess90`` the sampling with a sharper / flatter draw.
 
+- ``newton``: this package's second-order start (docs/method.md §7): one forward + backward over the
+  labelled calibration batches gives each target's gradient G and its input Σxxᵀ; ranks by a global
+  greedy on the predicted loss decrease ½σ² of G·H^(-1/2), A = the top right singular directions mapped
+  back by H^(-1/2), B = 0.
+
 The field's initialisations, each by PEFT's own code (:mod:`.peers`), uniform rank r̄:
 
 - ``pissa``: PiSSA, A, B from a fast SVD of W (``pissa_niter_4``); base weights become W − s·BA.
@@ -54,7 +59,7 @@ from .budget import adapter_ranks
 class Method:
     name: str
     kind: str  # "uniform" | "sensitivity" (the package's API, with or without an init) | "eva" | "eva-ranks" | "adalora"
-    #          | "hyperadalora" | "tsqlora" | "peer" (a PEFT initialisation, :mod:`.peers`)
+    #          | "hyperadalora" | "tsqlora" | "newton" | "peer" (a PEFT initialisation, :mod:`.peers`)
     allocation: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -100,6 +105,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "tsqlora-sampling with a sharper draw: n_eff = 25 % of the pool"),
     Method("tsqlora-sampling-ess90", "tsqlora", {"sampling": True, "ranks": False, "ess_fraction": 0.9},
            "tsqlora-sampling with a flatter draw: n_eff = 90 % of the pool"),
+    Method("newton", "newton", {"rho": 2.0},
+           "this package's second-order start: ranks (global greedy on predicted loss decrease) and A from the "
+           "SVD of G·H^(-1/2) (ρ = 2), B = 0"),
     # the field's initialisations, by PEFT's own code (peers.py); "rewrites base" = W replaced by W − s·BA
     Method("pissa", "peer", {"init": "pissa_niter_4"},
            "PEFT PiSSA (fast SVD, 4 iterations): A, B = top singular triplets of W; rewrites base"),
@@ -214,6 +222,12 @@ def build_adapted(
     elif method.kind == "tsqlora":
         peft_model, tsqlora = _tsqlora(model, method, avg_rank, alpha, targets, total_steps, common,
                                        _labelled(calibration, calibration_labels, task_type))
+    elif method.kind == "newton":
+        from ..api import newton_peft_model
+
+        labelled = _labelled(calibration, calibration_labels, task_type, method.name)
+        peft_model, _ = newton_peft_model(model, labelled, avg_rank, lora_alpha=alpha, target_modules=targets,
+                                          rho=float(method.allocation["rho"]), task_type=task_type)
     elif method.kind == "peer":
         from .peers import build_peer, needs_labels, rewrites_base
 

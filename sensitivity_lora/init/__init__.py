@@ -8,6 +8,7 @@ hessian="full")``). One decomposition per input group is shared by its members.
     eva_init(groups, r, rho)                  PEFT EVA's ranks and A, exactly (eva.py)
     covariance_init(groups, ranks)            A = top covariance directions for given ranks (with_ranks.py)
     output_aware_init(weights, groups, r̄)    ranks and A from the spectrum of W·M (output_aware.py)
+    newton_init(gradients, groups, r̄)        ranks and A from the labelled gradient whitened by H (newton.py)
     to_eva_state_dict(result)                 → peft.tuners.lora.eva.initialize_lora_eva_weights (state.py)
     write_corda_covariance_file(path, groups) → peft CordaConfig(covariance_file=path) (corda.py)
 
@@ -24,6 +25,7 @@ from .corda import corda_covariances, write_corda_covariance_file
 from .covariance import centred_covariance, second_moment
 from .decompose import Eigenpairs, choose_method, fix_signs, top_eigenpairs
 from .eva import eva_init
+from .newton import newton_init
 from .output_aware import output_aware_init
 from .pca import GroupPCA, group_pca
 from .state import (PEFT_MODEL_PREFIX, GroupSums, InitResult, alpha_pattern, as_group_sums,
@@ -33,6 +35,6 @@ from .with_ranks import covariance_init
 __all__ = [
     "PEFT_MODEL_PREFIX", "Eigenpairs", "GroupPCA", "GroupSums", "InitResult", "alpha_pattern", "as_group_sums",
     "centred_covariance", "choose_method", "corda_covariances", "covariance_init", "eva_init", "fix_signs",
-    "greedy_ranks", "group_pca", "group_sums_from_statistics", "output_aware_init", "second_moment",
+    "greedy_ranks", "group_pca", "group_sums_from_statistics", "newton_init", "output_aware_init", "second_moment",
     "to_eva_state_dict", "top_eigenpairs", "write_corda_covariance_file",
 ]
