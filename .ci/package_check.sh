@@ -26,8 +26,10 @@ say "wheel from the sdist (compiles the extension)"
 WHEEL=$(ls "$WORK"/dist/*.whl)
 "$PY" scripts/check_wheel.py "$WHEEL" --require-extension
 say "wheel straight from the tree (Python files only: the same package list by construction)"
-SENSITIVITY_LORA_SKIP_EXT=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/tree" . \
-  >"$WORK/tree.log" 2>&1 || { tail -30 "$WORK/tree.log"; echo "package_check: FAILED: pip wheel ." >&2; exit 1; }
+# (from a copy without build/: setuptools reuses build/lib, where a module deleted since would linger)
+mkdir "$WORK/src" && tar --exclude=./.venv --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$WORK/src"
+(cd "$WORK/src" && SENSITIVITY_LORA_SKIP_EXT=1 "$CHECKOUT/$PY" -m pip wheel -q --no-deps --no-build-isolation \
+  -w "$WORK/tree" .) >"$WORK/tree.log" 2>&1 || { tail -30 "$WORK/tree.log"; echo "package_check: FAILED: pip wheel ." >&2; exit 1; }
 "$PY" scripts/check_wheel.py "$WORK"/tree/*.whl
 
 say "fresh venv: torch pinned, then the wheel with the newest dependencies pip resolves today"

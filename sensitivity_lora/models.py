@@ -36,7 +36,7 @@ _SOURCE_FILE = "source.json"  # records which GGUF a cached conversion came from
 TASKS = ("auto", "causal_lm", "base", "sequence_classification")
 
 # Encoder-only families: a folder without an ``architectures`` entry is loaded with AutoModel for these.
-_ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "mpnet", "camembert", "modernbert", "ernie", "mobilebert", "squeezebert", "luke", "xlnet"}
 
 
@@ -204,7 +204,7 @@ def _model_class(config: Any, task: str):
             return AutoModelForSequenceClassification
         if arch.endswith("Model"):
             return AutoModel
-    if getattr(config, "model_type", None) in _ENCODER_ONLY:
+    if getattr(config, "model_type", None) in ENCODER_ONLY:
         return AutoModel
     return AutoModelForCausalLM
 

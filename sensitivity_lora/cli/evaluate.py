@@ -99,6 +99,37 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_args(args: argparse.Namespace, task: str) -> None:
+    """Every option of a comparison, checked before a model is loaded or a results file is touched."""
+    import math
+
+    from ..evaluation.methods import parse_methods
+
+    parse_methods(args.methods)
+
+    def at_least(name: str, value: int, low: int) -> None:
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+    for name, low in (("steps", 1), ("batch_size", 1), ("eval_every", 0)):
+        at_least(name, getattr(args, name), low)
+    for rank in args.avg_ranks:
+        at_least("avg_ranks", rank, 1)
+    for lr in args.lr:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"--lr must be positive and finite, got {lr}")
+    if any(seed < 0 for seed in args.seeds):
+        raise ValueError(f"--seeds must be non-negative, got {args.seeds}")
+    if task == "causal_lm":
+        for name, low in (("n_train", 1), ("n_eval", 1), ("n_val", 0), ("seq_len", 2)):
+            at_least(name, getattr(args, name), low)
+        if args.split == "validation" and args.n_val < 1:
+            raise ValueError("--split validation needs validation texts: set --n-val (e.g. 32)")
+    else:
+        for name, low in (("train_per_class", 1), ("test_per_class", 1), ("max_len", 2), ("n_calibration", 1)):
+            at_least(name, getattr(args, name), low)
+
+
 def _train_config(args: argparse.Namespace, seed: int, lr: float):
     from ..evaluation.finetune import TrainConfig
 
@@ -133,6 +164,7 @@ def _grid(args, task_name: str, run_one, split: str = "test") -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    _check_args(args, "classification")
     _setup(args)
     from ..data import bbc_articles
     from ..evaluation.classification import ClassificationTask, run_classification
@@ -148,13 +180,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
+    _check_args(args, "causal_lm")
     _setup(args)
     from ..data import bbc_articles
     from ..evaluation.causal_lm import CausalLMTask, lm_tensors, perplexity, split_texts, run_causal_lm
     from ..evaluation.store import ResultStore
-    from ..models import load_model_and_tokenizer
+    from ..models import ENCODER_ONLY, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")
+    if getattr(model.config, "model_type", None) in ENCODER_ONLY:  # its LM head would start at random
+        raise ValueError(f"evaluate lm needs a causal language model; {args.model} loads as "
+                         f"{type(model).__name__} (an encoder: use `evaluate classify --model ...`)")
     task = CausalLMTask(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len, n_val=args.n_val)
     if args.category == "python-docs":
         from ..evaluation.stability import stdlib_docstrings

@@ -121,6 +121,9 @@ def gptq_hessians(source: Any, tool: str = "llm-compressor", *, model: nn.Module
     """``{module name: H}`` in ``tool``'s convention (``TOOLS``): one (d_in, d_in) matrix per module, fp32 by
     default, never shared between modules. ``modules``: only these (names as returned)."""
     convention = _tool(tool)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.float64, ...), got {dtype!r}: "
+                         "an integer or boolean Hessian would be truncated")
     rename, wanted = _renamer(model, prefix), set(modules) if modules is not None else None
     out: dict[str, torch.Tensor] = {}
     for group in _groups(source):

@@ -20,6 +20,16 @@ from .layers import HyperLoraLinear
 from .regularizer import orthogonality_penalty
 
 
+def _check_rank_fits(model: nn.Module, targets: list[str], config: HyperAdaLoraConfig) -> None:
+    """Every target can hold ``init_rank`` triplets: a rank above min(d_in, d_out) adds nothing but parameters."""
+    for name in targets:
+        d_in, d_out = module_dims(model.get_submodule(name))
+        if config.init_rank > min(d_in, d_out):
+            raise ValueError(f"init_rank {config.init_rank} (from avg_rank {config.avg_rank}) exceeds the width of "
+                             f"{name} ({d_out} × {d_in}): a rank is at most min(d_in, d_out) = {min(d_in, d_out)}; "
+                             "lower avg_rank (or init_rank)")
+
+
 def module_specs(model: nn.Module, targets: list[str]) -> list[ModuleSpec]:
     """Layer index and type of every target: ``<blocks>.<i>.<type>``; a module outside the blocks is a type
     of its own at layer index (number of blocks)."""
@@ -52,6 +62,7 @@ class HyperAdaLoraModel(nn.Module):
         if any(isinstance(m, HyperLoraLinear) for m in model.modules()):
             raise ValueError("this model already carries HyperAdaLoRA layers: pass the original model")
         targets = resolve_targets(model, config.target_modules)
+        _check_rank_fits(model, targets, config)
         specs = module_specs(model, targets)
         stats = ({n: weight_statistics(module_weight(model.get_submodule(n)), config.chunk_size) for n in targets}
                  if config.weight_stats else None)

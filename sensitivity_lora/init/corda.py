@@ -30,6 +30,7 @@ stores once, so the file holds one d_in² matrix per input group, not per module
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,8 +46,8 @@ def corda_covariances(groups: Mapping[str, GroupSums | Sequence], *, prefix: str
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``{prefix + module: scale · S/n}`` for every member of every group (members share one tensor)."""
     groups = as_group_sums(groups)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     out = {}
     for sums in groups.values():
         matrix = (second_moment(sums.xtx, sums.n_tokens) * scale).to(dtype).cpu().contiguous()
