@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "sensitivity_lora"
+# The package as imported: the checkout's, or the installed one when CI tests the wheel.
+PACKAGE = Path(importlib.util.find_spec("sensitivity_lora").origin).parent
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
