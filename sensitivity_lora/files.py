@@ -97,6 +97,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, stems: tuple[str, ...]) -> list[Path]:
+    """Delete what a killed :func:`atomic_write` left in ``folder`` for files whose names start with one of
+    ``stems`` (its temporaries are ``.<name>.<random>.tmp``). Call it holding the folder's lock."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file() and path.name[1:].startswith(stems):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -70,3 +70,19 @@ def test_evaluate_lm_refuses_an_encoder(tmp_path, capsys):
     assert main(["evaluate", "lm", "--model", str(tiny_bert_dir), "--out", str(out), "--methods", "uniform"]) == 2
     assert "causal language model" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("avg_rank, message", [
+    (math.nan, "avg_rank must be a positive finite number"), (math.inf, "avg_rank must be a positive finite number"),
+    ("4", "avg_rank must be a positive finite number"), (0, "avg_rank must be a positive finite number"),
+    (1000, "budget|cap|infeasible|exceed"),
+])
+def test_tsqlora_initial_ranks_refuse_bad_avg_rank_before_any_pass(avg_rank, message, monkeypatch):
+    from sensitivity_lora.training import sensitivity
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the sensitivity pass ran before the check")
+
+    monkeypatch.setattr(sensitivity, "first_order_sensitivity", no_pass)
+    with pytest.raises(ValueError, match=message):
+        sensitivity.initial_ranks(tiny_llama(), [], avg_rank)

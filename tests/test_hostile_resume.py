@@ -339,3 +339,20 @@ def test_stale_staging_of_a_killed_run_is_removed(tmp_path):
         recover(tmp_path)
     assert hidden_entries(tmp_path) == []
     assert folder_bytes(tmp_path)["a.json"] == b"old a"
+
+
+def test_a_resumed_run_removes_the_temporaries_a_killed_write_left(tmp_path, monkeypatch):
+    model, batches, folder = _three_blocks(), random_batches(), tmp_path / "ckpt"
+    _interrupted(model, batches, folder, monkeypatch, at=2)
+    # what a kill between atomic_write's temporary file and its rename leaves behind
+    stale = [folder / ".block_00002.safetensors.k3j9x1.tmp", folder / ".manifest.json.q8w2e7.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a block")
+    unrelated = folder / ".notes.txt.a1b2c3.tmp"
+    unrelated.write_bytes(b"not ours")
+    resumed = [s for s in iter_block_statistics(model, batches, progress=False, checkpoint=BlockCheckpoint(folder))]
+    fresh = list(iter_block_statistics(model, batches, progress=False))
+    assert not any(p.exists() for p in stale) and unrelated.exists()
+    assert [b.index for b in resumed] == [b.index for b in fresh] and resumed[2].from_checkpoint is False
+    for a, b in zip(resumed, fresh):
+        assert set(a.stats.groups) == set(b.stats.groups)

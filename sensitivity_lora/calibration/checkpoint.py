@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointMismatchError, FileFormatError
-from ..files import atomic_save_safetensors, atomic_write_json, output_lock
+from ..files import atomic_save_safetensors, atomic_write_json, output_lock, remove_stale_temporaries
 from .fingerprint import differences
 from .serialize import check_group, group_from, group_header, group_tensors, read_safetensors
 from .statistics import CalibrationStatistics
@@ -103,6 +103,8 @@ class BlockCheckpoint:
         self._manifest = {"fingerprint": fingerprint, "store": self.store, "done": list(self.done)}
         if self.writable:
             self.directory.mkdir(parents=True, exist_ok=True)
+            # a run killed between a temporary file and its rename left it here; this run holds the lock
+            remove_stale_temporaries(self.directory, ("block_", MANIFEST))
             atomic_write_json(path, self._manifest)
         return list(self.done)
 

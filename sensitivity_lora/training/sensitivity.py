@@ -161,7 +161,17 @@ def initial_ranks(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
                   target_modules: str | Sequence[str] | None = None, scores: str = "first-order",
                   rho: float = 4.0) -> dict[str, int]:
     """TsqLoRA's initial ranks {module: r}: SRA on the first-order sensitivity (``"first-order"``), or the
-    package's Hessian allocation (``"hessian"``, labels unused)."""
+    package's Hessian allocation (``"hessian"``, labels unused). ``avg_rank``, ``scores`` and whether the
+    budget fits the layers' shapes are checked before any forward or backward pass."""
+    from ..settings import check_avg_rank
+
+    check_avg_rank(avg_rank)
+    if scores not in ("first-order", "hessian"):
+        raise ValueError(f"scores must be 'first-order' or 'hessian', got {scores!r}")
+    targets = resolve_targets(model, target_modules)
+    # the rule on equal scores: raises for a budget the shapes cannot hold, from the shapes alone
+    ranks_from_scores({n: 1.0 for n in targets}, {n: module_dims(model.get_submodule(n)) for n in targets},
+                      avg_rank, rho)
     if scores == "first-order":
         sensitivity = first_order_sensitivity(model, batches, target_modules)
         dims = {n: module_dims(model.get_submodule(n)) for n in sensitivity}
