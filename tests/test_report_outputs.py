@@ -20,7 +20,7 @@ def old_report(tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     for name, text in {"tables.md": "old tables", "summary.json": "[]", "causal_lm_perplexity.png": "old plot",
-                       "mine.png": "not ours"}.items():
+                       "classification_accuracy.png": "old plot", "mine.png": "not ours"}.items():
         (out / name).write_text(text)
     return out
 
@@ -56,6 +56,7 @@ def test_a_new_report_replaces_the_old_set_whole(tmp_path, old_report):
     after = _contents(old_report)
     assert after["tables.md"] != b"old tables" and b"uniform" in after["tables.md"]
     assert after["mine.png"] == b"not ours"  # not a file of the report's
+    assert "classification_accuracy.png" not in after  # a plot of the old set that this report does not make
     if "causal_lm_perplexity.png" in after:  # made again (matplotlib installed): a real PNG now
         assert (old_report / "causal_lm_perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert not any(name.startswith(".sensitivity-lora") for name in after)

@@ -11,7 +11,6 @@ a command skips the runs already there.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -144,16 +143,19 @@ def _grid(args, task_name: str, run_one, split: str = "test") -> int:
 
     methods = parse_methods(args.methods)
     store = ResultStore(args.out)
+    store.check_resumable()
+    n_val = getattr(args, "n_val", 0)
     for avg_rank in args.avg_ranks:
         for lr in args.lr:
             for seed in args.seeds:
                 for method in methods:
-                    if store.has(task_name, method.name, avg_rank, seed, lr, split):
+                    if store.has(task_name, method.name, avg_rank, seed, lr, split, n_val):
                         continue
                     start = time.perf_counter()
                     record = run_one(method, avg_rank, seed, lr)
                     record.setdefault("lr", lr)
                     record.setdefault("split", split)
+                    record.setdefault("n_val", n_val)
                     record["wall_seconds"] = time.perf_counter() - start
                     store.add(record)
                     score = record.get("accuracy", record.get("perplexity"))
@@ -199,10 +201,12 @@ def cmd_lm(args: argparse.Namespace) -> int:
     else:
         texts = [t for _, t in bbc_articles([args.category])]
     store = ResultStore(args.out)
-    if not store.has("causal_lm", "base", 0, 0, None, args.split):  # the untrained model, for scale
+    store.check_resumable()
+    if not store.has("causal_lm", "base", 0, 0, None, args.split, task.n_val):  # the untrained model, for scale
         _, held_out, validation = split_texts(texts, task.n_train, task.n_eval, 0, task.n_val)
         scored = held_out if args.split == "test" else validation
         store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0, "split": args.split,
+                   "n_val": task.n_val,
                    "perplexity": perplexity(model, lm_tensors(scored, tokenizer, task.seq_len), 8)})
     return _grid(args, "causal_lm", lambda method, r, seed, lr: run_causal_lm(
         model, tokenizer, texts, method, r, seed, _train_config(args, seed, lr), task,
@@ -215,7 +219,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
     from ..data import BBC_CATEGORIES, bbc_articles
     from ..evaluation import stability
-    from ..evaluation.report import read_json
+    from ..files import read_json
     from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, task="causal_lm")

@@ -100,7 +100,7 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
     ranks = adapted.ranks()
     record = {
         "task": "causal_lm", "method": method.name, "avg_rank": avg_rank, "seed": seed,
-        "lr": train_config.lr, "split": split, "steps_planned": train_config.steps,
+        "lr": train_config.lr, "split": split, "n_val": task.n_val, "steps_planned": train_config.steps,
         "perplexity": perplexity(adapted.peft_model, eval_data, task.eval_batch_size),
         "final_train_loss": mean_last(log.losses),
         "setup_seconds": adapted.setup_seconds, "train_seconds": log.seconds,

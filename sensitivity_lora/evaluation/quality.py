@@ -1,8 +1,8 @@
 """The comparison at tuned learning rates: each method's rate picked on the validation split, then its
 seeds on the held-out test split, paired by seed against uniform LoRA and against the best peer.
 
-Records come from ``sensitivity-lora evaluate lm|classify --lr A B C ... --split validation`` (the
-grid) and ``--split test`` (the seeds at the chosen rates); both carry ``lr`` and ``split``.
+Records come from ``sensitivity-lora evaluate lm --lr A B C ... --n-val N --split validation`` (the
+grid) and ``--split test`` (the seeds at the chosen rates); both carry ``lr``, ``split`` and ``n_val``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from .methods import METHODS
+from .formatting import mean_std, method_order, plus_minus
 
 # The field's methods (PEFT's own implementations), against which "best peer" is taken.
 PEERS = frozenset({"eva", "eva-uniform", "pissa", "olora", "loraga", "corda-ipm", "corda-kpm", "corda-ipm-cov",
@@ -52,11 +52,6 @@ def tuned_lrs(records: list[dict[str, Any]], task: str, avg_rank: int) -> dict[s
     return out
 
 
-def _order(method: str) -> int:
-    names = list(METHODS)
-    return names.index(method) if method in names else len(names)
-
-
 def lr_grid_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> str:
     """Method × learning rate, validation score (mean over the seeds run there); the best rate in bold,
     and how much worse the method's worst rate is than its best (its dependence on the rate)."""
@@ -68,7 +63,7 @@ def lr_grid_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> st
     head = ("| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | worst − best |\n|---"
             + "|---" * (len(lrs) + 1) + "|")
     lines = []
-    for method in sorted(grid, key=_order):
+    for method in sorted(grid, key=method_order):
         cells, means = [], []
         for lr in lrs:
             scores = grid[method].get(lr)
@@ -82,16 +77,6 @@ def lr_grid_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> st
         spread = abs(max(means) - min(means)) if len(means) > 1 else math.nan
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {spread:.2f} |")
     return "\n".join([head, *lines])
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _pm(pair: tuple[float, float] | None, sign: bool = False) -> str:
-    if pair is None:
-        return "—"
-    return f"{pair[0]:+.2f} ± {pair[1]:.2f}" if sign else f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
 
 def tuned_rows(records: list[dict[str, Any]], task: str, avg_rank: int,
@@ -125,14 +110,14 @@ def tuned_rows(records: list[dict[str, Any]], task: str, avg_rank: int,
             return None
         ref = runs[reference][1]
         diffs = [r[score] - ref[s][score] for s, r in runs[method][1].items() if s in ref]
-        return _mean_std(diffs) if diffs else None
+        return mean_std(diffs) if diffs else None
 
     rows = []
-    for method in sorted(runs, key=_order):
+    for method in sorted(runs, key=method_order):
         lr, seeds = runs[method]
         values = [r[score] for r in seeds.values()]
         rows.append({
-            "method": method, "lr": lr, "n_seeds": len(values), score: _mean_std(values),
+            "method": method, "lr": lr, "n_seeds": len(values), score: mean_std(values),
             "vs_uniform": paired(method, "uniform"), "vs_best_peer": paired(method, best_peer),
             "best_peer": best_peer, "peer": method in PEERS,
             "setup_seconds": statistics.fmean(r.get("setup_seconds", math.nan) for r in seeds.values()),
@@ -150,7 +135,7 @@ def tuned_table(records: list[dict[str, Any]], task: str, avg_rank: int,
     best_peer = rows[0]["best_peer"]
     head = (f"| method | lr | seeds | test {score} | Δ vs uniform | Δ vs best peer ({best_peer or '—'}) | "
             "setup s | trainable params |\n|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['method']}{' (peer)' if r['peer'] else ''} | {r['lr']:g} | {r['n_seeds']} | {_pm(r[score])} | "
-             f"{_pm(r['vs_uniform'], True)} | {_pm(r['vs_best_peer'], True)} | {r['setup_seconds']:.1f} | "
+    lines = [f"| {r['method']}{' (peer)' if r['peer'] else ''} | {r['lr']:g} | {r['n_seeds']} | {plus_minus(r[score])} | "
+             f"{plus_minus(r['vs_uniform'], sign=True)} | {plus_minus(r['vs_best_peer'], sign=True)} | {r['setup_seconds']:.1f} | "
              f"{r['lora_params']:,.0f} |" for r in rows]
     return "\n".join([head, *lines])

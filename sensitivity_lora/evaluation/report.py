@@ -2,33 +2,15 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from .methods import METHODS
+from ..files import read_json
+from .formatting import mean_std, method_order, plus_minus
 
 SCORES = {"classification": ("accuracy", "macro_f1"), "causal_lm": ("perplexity",)}
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = [float(v) for v in values]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's content; a FileFormatError naming the file when it is not JSON."""
-    from ..errors import FileFormatError
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
 
 
 def load_records(folder: Path) -> list[dict[str, Any]]:
@@ -46,27 +28,25 @@ def load_records(folder: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _order(method: str) -> int:
-    names = list(METHODS)
-    return names.index(method) if method in names else -1
-
-
 REFERENCES = ("uniform", "eva")  # paired differences are reported against these methods (plain LoRA, PEFT's EVA)
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, avg_rank, method): mean ± std of each score, and the paired (same seed)
-    differences to uniform LoRA and to PEFT's EVA."""
+    """One row per (task, avg_rank, method, learning rate, split): mean ± std of each score, and the paired
+    (same seed, same rate and split) differences to uniform LoRA and to PEFT's EVA."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["task"], r["avg_rank"], r["method"])].append(r)
+        groups[(r["task"], r["avg_rank"], r["method"], r.get("lr"), r.get("split", "test"))].append(r)
     rows = []
-    for (task, avg_rank, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], _order(kv[0][2]))):
+    for (task, avg_rank, method, lr, split), runs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][4], kv[0][3] or 0.0, method_order(kv[0][2]))):
         row: dict[str, Any] = {"task": task, "avg_rank": avg_rank, "method": method, "n_seeds": len(runs)}
+        if lr is not None:
+            row.update(lr=lr, split=split)
         for score in SCORES[task]:
             row[score] = mean_std(r[score] for r in runs)
             for reference in REFERENCES:
-                by_seed = {u["seed"]: u for u in groups.get((task, avg_rank, reference), [])}
+                by_seed = {u["seed"]: u for u in groups.get((task, avg_rank, reference, lr, split), [])}
                 paired = [r[score] - by_seed[r["seed"]][score] for r in runs if r["seed"] in by_seed]
                 row[f"{score}_vs_{reference}"] = mean_std(paired) if paired and method != reference else None
         for key in ("rank_sum", "lora_params", "rank_max", "setup_seconds", "train_seconds"):
@@ -76,11 +56,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(pair: tuple[float, float] | None, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
-    if pair is None:
-        return "—"
-    m, s = pair[0] * scale, pair[1] * scale
-    return f"{m:+.{digits}f} ± {s:.{digits}f}" if sign else f"{m:.{digits}f} ± {s:.{digits}f}"
+def _label(row: dict[str, Any]) -> str:
+    """The method, with its learning rate and split where the runs recorded them."""
+    if row.get("lr") is None:
+        return row["method"]
+    return f"{row['method']} (lr {row['lr']:g}{', validation' if row.get('split') == 'validation' else ''})"
 
 
 def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
@@ -89,17 +69,17 @@ def results_table(rows: list[dict[str, Any]], task: str, avg_rank: int) -> str:
     if task == "classification":
         head = ("| method | seeds | accuracy % | Δ acc vs uniform | macro-F1 % | Δ F1 vs uniform | Σ rank | "
                 "LoRA params | max rank | setup s | train s |\n|---|---|---|---|---|---|---|---|---|---|---|")
-        lines = [f"| {r['method']} | {r['n_seeds']} | {_pm(r['accuracy'], 100)} | "
-                 f"{_pm(r['accuracy_vs_uniform'], 100, sign=True)} | {_pm(r['macro_f1'], 100)} | "
-                 f"{_pm(r['macro_f1_vs_uniform'], 100, sign=True)} | {r.get('rank_sum', 0):.0f} | "
+        lines = [f"| {_label(r)} | {r['n_seeds']} | {plus_minus(r['accuracy'], 100)} | "
+                 f"{plus_minus(r['accuracy_vs_uniform'], 100, sign=True)} | {plus_minus(r['macro_f1'], 100)} | "
+                 f"{plus_minus(r['macro_f1_vs_uniform'], 100, sign=True)} | {r.get('rank_sum', 0):.0f} | "
                  f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
                  f"{r.get('train_seconds', 0):.0f} |" for r in rows]
     else:
         head = ("| method | seeds | held-out perplexity | Δ vs uniform | Δ vs PEFT EVA | Σ rank | LoRA params | "
                 "max rank | setup s | train s |\n|---|---|---|---|---|---|---|---|---|---|")
-        lines = [f"| {r['method']} | {r['n_seeds']} | {_pm(r['perplexity'], digits=3)} | "
-                 f"{_pm(r['perplexity_vs_uniform'], digits=3, sign=True)} | "
-                 f"{_pm(r['perplexity_vs_eva'], digits=3, sign=True)} | {r.get('rank_sum', 0):.0f} | "
+        lines = [f"| {_label(r)} | {r['n_seeds']} | {plus_minus(r['perplexity'], digits=3)} | "
+                 f"{plus_minus(r['perplexity_vs_uniform'], digits=3, sign=True)} | "
+                 f"{plus_minus(r['perplexity_vs_eva'], digits=3, sign=True)} | {r.get('rank_sum', 0):.0f} | "
                  f"{r.get('lora_params', 0):,.0f} | {r.get('rank_max', 0):.0f} | {r.get('setup_seconds', 0):.1f} | "
                  f"{r.get('train_seconds', 0):.0f} |" for r in rows]
     return "\n".join([head, *lines])
@@ -124,7 +104,7 @@ def rank_by_type_table(records: list[dict[str, Any]], task: str, avg_rank: int) 
             by_method[r["method"]][path_in_block(name)].append(rank)
     head = "| method | " + " | ".join(types) + " |\n|---" + "|---" * len(types) + "|"
     lines = [f"| {m} | " + " | ".join(f"{statistics.fmean(by_method[m][t]):.2f}" for t in types) + " |"
-             for m in sorted(by_method, key=_order)]
+             for m in sorted(by_method, key=method_order)]
     return "\n".join([head, *lines])
 
 
@@ -240,18 +220,18 @@ def tsqlora_cost_table(records: list[dict[str, Any]], task: str, avg_rank: int) 
         by_method[r["method"]].append(r)
     lines = ["| method | seeds | scoring s | scoring / training time | refreshes | τ (median) | n_eff / pool (mean) | "
              "rank units moved |", "|---|---|---|---|---|---|---|---|"]
-    for method in sorted(by_method, key=_order):
+    for method in sorted(by_method, key=method_order):
         mine = by_method[method]
         log = [x for r in mine for x in r.get("refresh_log", [])]
         taus = [x["temperature"] for x in log if "temperature" in x]
         shares = [x["effective_fraction"] for x in log if "effective_fraction" in x]
         moved = [sum(abs(new - old) for change in r.get("rank_changes", []) for old, new in change["changes"].values())
                  / 2 for r in mine]
-        lines.append(f"| {method} | {len(mine)} | {_pm(mean_std(r['scoring_seconds'] for r in mine), digits=1)} | "
-                     f"{_pm(mean_std(r.get('scoring_fraction', 0.0) for r in mine))} | "
+        lines.append(f"| {method} | {len(mine)} | {plus_minus(mean_std(r['scoring_seconds'] for r in mine), digits=1)} | "
+                     f"{plus_minus(mean_std(r.get('scoring_fraction', 0.0) for r in mine))} | "
                      f"{statistics.fmean(r['refreshes'] for r in mine):.0f} | "
                      f"{f'{statistics.median(taus):.2f}' if taus else '—'} | "
-                     f"{f'{statistics.fmean(shares):.2f}' if shares else '—'} | {_pm(mean_std(moved), digits=1)} |")
+                     f"{f'{statistics.fmean(shares):.2f}' if shares else '—'} | {plus_minus(mean_std(moved), digits=1)} |")
     return "\n".join(lines)
 
 

@@ -5,17 +5,16 @@ skips the runs already in the file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError
-from ..files import atomic_write_json, json_safe
+from ..files import atomic_write_json, json_safe, read_json
 
-KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split")
-# Records written before the learning-rate grid and the validation split carry neither field.
-KEY_DEFAULTS = {"lr": None, "split": "test"}
+KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split", "n_val")
+# Records written before the learning-rate grid and the validation split carry none of the last three.
+KEY_DEFAULTS = {"lr": None, "split": "test", "n_val": 0}
 
 
 def run_key(record: dict[str, Any]) -> tuple:
@@ -27,19 +26,21 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
-        if self.path.exists():
-            try:
-                self.records = json.loads(self.path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise FileFormatError(f"{self.path} is not valid JSON ({exc}); fix it or choose another --out "
-                                      "(it is never overwritten while it cannot be read)") from None
+        self.records: list[dict[str, Any]] = read_json(self.path) if self.path.exists() else []
         if not isinstance(self.records, list):
             raise FileFormatError(f"{self.path} is not a results file (expected a JSON list of records)")
 
     def has(self, task: str, method: str, avg_rank: int, seed: int, lr: float | None = None,
-            split: str = "test") -> bool:
-        return (task, method, avg_rank, seed, lr, split) in {run_key(r) for r in self.records}
+            split: str = "test", n_val: int = 0) -> bool:
+        return (task, method, avg_rank, seed, lr, split, n_val) in {run_key(r) for r in self.records}
+
+    def check_resumable(self) -> None:
+        """Refuse to add runs to a file written before runs recorded their learning rate: its runs could not be
+        told apart from the new ones (and would be run again)."""
+        legacy = [r for r in self.records if "lr" not in r and r.get("method") != "base"]
+        if legacy:
+            raise FileFormatError(f"{self.path} holds {len(legacy)} runs written before runs recorded their "
+                                  "learning rate; write new runs to another --out (the report reads both)")
 
     def add(self, record: dict[str, Any]) -> None:
         key = run_key(record)

@@ -26,7 +26,7 @@ A's rows are scaled to unit Euclidean norm by default (``normalise="rows"``; sig
 entry positive): the rows of V_rᵀ Pᵀ have lengths ~ 1/RMS(x) along their directions, 100× apart
 between layers with massive activations and ordinary ones, while LoRA's α/r and Adam's learning
 rate are tuned for unit-scale rows (PEFT's Kaiming rows, EVA's orthonormal ones). Unit rows keep
-the row space (the optimal rank-r subspace: Δ* = B* A for B* = −U_r Σ_r D⁻¹, D the row lengths),
+the row space (the optimal rank-r subspace: Δ* = B* A for B* = −U_r Σ_r D, D the row lengths),
 but the first SGD step weighs direction i by σ_i·d_i⁻² instead of σ_i; ``normalise="none"`` keeps
 A = V_rᵀ Pᵀ exactly (first step exactly along Δ*).
 
