@@ -392,3 +392,29 @@ def test_bad_settings_are_refused_before_the_pass():
         with pytest.raises(ValueError):
             newton_peft_model(model, random_batches(1), **kwargs)
     assert_same_model(model, before)
+
+
+def test_gain_rows_carry_a_default_rows_output_energy_and_the_same_directions():
+    grads, groups = random_problem(40, (24, 48), seed=11)
+    unit = newton_init(grads, groups, 3, normalise="rows")
+    gain = newton_init(grads, groups, 3, normalise="gain")
+    assert unit.ranks == gain.ranks
+    for name, sums in groups.items():
+        moment = sums.xtx.double() / sums.n_tokens
+        target = float(torch.trace(moment)) / (3 * moment.shape[0])  # a Kaiming-uniform row: U(±1/√d)
+        for m in sums.members:
+            rows = gain.components[m]
+            if not rows.shape[0]:
+                continue
+            torch.testing.assert_close(((rows @ moment) * rows).sum(dim=1),
+                                       torch.full((rows.shape[0],), target, dtype=torch.float64))
+            cos = (rows * unit.components[m]).sum(dim=1) / rows.norm(dim=1)
+            torch.testing.assert_close(cos, torch.ones_like(cos))  # same directions, same signs
+    # and the target is what PEFT's default A really gives, on average over draws
+    sums = next(iter(groups.values()))
+    moment = sums.xtx.double() / sums.n_tokens
+    d = moment.shape[0]
+    a = torch.empty(20000, d, dtype=torch.float64)  # 20000 draws of a row; fan_in = d, bound 1/√d
+    torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=torch.Generator().manual_seed(0))
+    measured = float(((a @ moment) * a).sum(dim=1).mean())
+    assert abs(measured / (float(torch.trace(moment)) / (3 * d)) - 1) < 0.05

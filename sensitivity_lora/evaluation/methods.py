@@ -27,7 +27,8 @@ A matrices) are chosen:
 - ``newton``: this package's second-order start (docs/method.md §7): one forward + backward over the
   labelled calibration batches gives each target's gradient G and its input Σxxᵀ; ranks by a global
   greedy on the predicted loss decrease ½σ² of G·H^(-1/2), A = the top right singular directions mapped
-  back by H^(-1/2), B = 0.
+  back by H^(-1/2), B = 0; ``newton-gain`` the same with each A row scaled so that its adapter's output
+  moves per Adam step as far as plain LoRA's (E[(a·x)²] of a PEFT default row).
 
 The field's initialisations, each by PEFT's own code (:mod:`.peers`), uniform rank r̄:
 
@@ -108,6 +109,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("newton", "newton", {"rho": 2.0},
            "this package's second-order start: ranks (global greedy on predicted loss decrease) and A from the "
            "SVD of G·H^(-1/2) (ρ = 2), B = 0"),
+    Method("newton-gain", "newton", {"rho": 2.0, "normalise": "gain"},
+           "newton with each A row scaled to the output energy of a PEFT default row (plain LoRA's step size)"),
     # the field's initialisations, by PEFT's own code (peers.py); "rewrites base" = W replaced by W − s·BA
     Method("pissa", "peer", {"init": "pissa_niter_4"},
            "PEFT PiSSA (fast SVD, 4 iterations): A, B = top singular triplets of W; rewrites base"),
@@ -227,7 +230,8 @@ def build_adapted(
 
         labelled = _labelled(calibration, calibration_labels, task_type, method.name)
         peft_model, _ = newton_peft_model(model, labelled, avg_rank, lora_alpha=alpha, target_modules=targets,
-                                          rho=float(method.allocation["rho"]), task_type=task_type)
+                                          rho=float(method.allocation["rho"]), task_type=task_type,
+                                          normalise=method.allocation.get("normalise", "rows"))
     elif method.kind == "peer":
         from .peers import build_peer, needs_labels, rewrites_base
 

@@ -28,7 +28,10 @@ between layers with massive activations and ordinary ones, while LoRA's α/r and
 rate are tuned for unit-scale rows (PEFT's Kaiming rows, EVA's orthonormal ones). Unit rows keep
 the row space (the optimal rank-r subspace: Δ* = B* A for B* = −U_r Σ_r D, D the row lengths),
 but the first SGD step weighs direction i by σ_i·d_i⁻² instead of σ_i; ``normalise="none"`` keeps
-A = V_rᵀ Pᵀ exactly (first step exactly along Δ*).
+A = V_rᵀ Pᵀ exactly (first step exactly along Δ*). ``normalise="gain"`` scales each row so that its
+E[(a·x)²] equals that of a row of PEFT's default A, tr(M)/(3d): the adapter's output then moves per
+Adam step as far as plain LoRA's, so only the directions differ and plain LoRA's learning rate carries
+over (docs/results.md measures how far a covariance start moves it otherwise).
 
 Cost: one damped Cholesky (or eigh) of H per input group, shared by its members; per module a
 triangular solve for K and the top k eigenpairs of K's smaller Gram matrix (the package's
@@ -49,7 +52,9 @@ from .output_aware import _damped_cholesky, _top_right_singular
 from .state import GroupSums, InitResult, as_group_sums, module_order
 
 WHITENINGS = ("cholesky", "eigh")
-NORMALISATIONS = ("rows", "none")
+NORMALISATIONS = ("rows", "none", "gain")
+# E[(a·x)²] of a row of PEFT's default A (Kaiming uniform, a = √5: entries U(±1/√d)) is tr(M) / (3d).
+KAIMING_ROW_ENERGY = 1.0 / 3.0
 
 
 class Whitener:
@@ -108,8 +113,10 @@ def newton_init(gradients: Mapping[str, torch.Tensor], groups: Mapping[str, Grou
             k = min(cap, *g.shape)
             values, rows, solvers[m] = _top_right_singular(whitener.whiten(g), k, solver)
             rows = whitener.unwhiten(rows)
-            if normalise == "rows":
+            if normalise in ("rows", "gain"):
                 rows = rows / rows.norm(dim=1, keepdim=True)
+            if normalise == "gain":
+                rows = _gain_matched(rows, sums)
             scores[m], directions[m] = values, fix_signs(rows)
     budget = avg_rank * len(order)
     available = sum(s.numel() for s in scores.values())
@@ -123,6 +130,16 @@ def newton_init(gradients: Mapping[str, torch.Tensor], groups: Mapping[str, Grou
         settings={"avg_rank": avg_rank, "rho": rho, "damping": damping, "whitening": whitening,
                   "normalise": normalise, "solver": solver},
     )
+
+
+def _gain_matched(rows: torch.Tensor, sums: GroupSums) -> torch.Tensor:
+    """Rows scaled so that each gives E[(a·x)²] = tr(M)/(3d), what a row of PEFT's default A gives: with
+    B = 0, Adam moves B by about the learning rate per entry, so the output moves per step in proportion to
+    |A x|; matched rows keep plain LoRA's step size and change only the directions."""
+    moment = second_moment(sums.xtx, sums.n_tokens).to(rows.dtype)
+    target = KAIMING_ROW_ENERGY * float(torch.diagonal(moment).sum()) / moment.shape[0]
+    energy = ((rows @ moment) * rows).sum(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
+    return rows * (target / energy).sqrt().unsqueeze(1)
 
 
 def predicted_decrease(result: InitResult) -> dict[str, float]:
