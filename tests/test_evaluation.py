@@ -24,13 +24,7 @@ def _texts(n: int, seed: int = 0, length: int = 40) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(length)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~20× faster on one thread than on two contended ones; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ REWRITING = ("pissa", "olora", "loraga", "corda-ipm", "corda-kpm", "corda-ipm-co
 RANK = 3  # r̄; lora_alpha = 2 r̄ as in every method
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(base, name, calibration, **kwargs):
