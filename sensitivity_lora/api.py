@@ -15,9 +15,11 @@ from torch import nn
 
 from .calibration import CalibrationStatistics, block_statistics, released
 from .calibration.distributed import rank_and_world
+from .calibration.targets import module_dims, resolve_targets
 from .calibration.validate import check_device, check_model
 from .files import ensure_output_folder
 from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
+from .scoring.allocate import check_budget_fits
 from .settings import AllocationSettings, check_avg_rank, resolve_settings
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
@@ -92,6 +94,8 @@ def compute_allocation(
     check_avg_rank(avg_rank)
     check_device(device), check_device(cache_device, "cache_device")
     check_model(model)
+    check_budget_fits({n: module_dims(model.get_submodule(n)) for n in resolve_targets(model, target_modules)},
+                      avg_rank, settings)
     if checkpoint_dir is not None:
         ensure_output_folder(checkpoint_dir, "checkpoint folder")
     streaming = streaming or any(v is not None for v in (checkpoint_dir, device, cache_device))

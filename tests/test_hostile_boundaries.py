@@ -86,3 +86,15 @@ def test_tsqlora_initial_ranks_refuse_bad_avg_rank_before_any_pass(avg_rank, mes
     monkeypatch.setattr(sensitivity, "first_order_sensitivity", no_pass)
     with pytest.raises(ValueError, match=message):
         sensitivity.initial_ranks(tiny_llama(), [], avg_rank)
+
+
+@pytest.mark.parametrize("avg_rank, overrides", [(1000, {}), (4, {"r_min": 9, "r_max": 8}), (40, {"rho": 1.0})])
+def test_compute_allocation_refuses_an_infeasible_budget_before_calibrating(monkeypatch, avg_rank, overrides):
+    import sensitivity_lora.api as api
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the calibration pass ran before the budget check")
+
+    monkeypatch.setattr(api, "block_statistics", no_pass)
+    with pytest.raises(ValueError, match="infeasible|r_min|r_max"):
+        api.compute_allocation(tiny_llama(), [], avg_rank, progress=False, **overrides)

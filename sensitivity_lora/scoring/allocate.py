@@ -31,6 +31,13 @@ def module_caps(metrics: list[ModuleMetrics], avg_rank: float, settings: Allocat
     return np.minimum(size, math.floor(_exact(settings.rho) * _exact(avg_rank)))
 
 
+def check_budget_fits(dims: Mapping[str, tuple[int, int]], avg_rank: float, settings: AllocationSettings) -> None:
+    """Raise the rule's own ValueError when the budget cannot fit the modules' shapes ({name: (d_in, d_out)}):
+    the rule run on equal metrics, so a run is refused before its calibration pass, not after."""
+    allocate({n: ModuleMetrics(1.0, 1.0, 1.0, d_in, d_out, "") for n, (d_in, d_out) in dims.items()},
+             avg_rank, settings)
+
+
 def allocate(metrics: Mapping[str, ModuleMetrics], avg_rank: float, settings: AllocationSettings | None = None, *,
              extra_settings: Mapping[str, Any] | None = None, **overrides: Any) -> Allocation:
     """Fuse the metrics into θ and allocate ranks under the budget r̄ · M (or its parameter count).
