@@ -198,3 +198,29 @@ def test_classifier_peers_keep_the_step_zero_output(name):
 def test_loraga_needs_labels_for_a_classifier():
     with pytest.raises(ValueError, match="loraga needs labelled calibration batches"):
         build(classifier(), "loraga", random_batches(2, 4, 12))
+
+
+@pytest.mark.parametrize("name", ["pissa", "olora", "loraga", "corda-ipm", "uniform"])
+def test_a_saved_adapter_loads_on_the_original_base_and_gives_the_trained_model(tmp_path, name):
+    from peft import PeftModel
+
+    from sensitivity_lora.evaluation.peers import save_adapter, save_initial_adapter
+
+    base = tiny_llama(seed=4)
+    original = copy.deepcopy(base)
+    batches = random_batches(n_batches=2, batch=4, seq=10, seed=5)
+    adapted = build_adapted(base, METHODS[name], RANK, batches, total_steps=3, task_type="CAUSAL_LM")
+    initial = save_initial_adapter(adapted.peft_model, tmp_path / "initial") if adapted.rewrites_base else None
+    data = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask")}
+    data["labels"] = data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)
+    train(adapted.peft_model, lambda idx: {k: v[idx] for k, v in data.items()}, 8,
+          TrainConfig(steps=3, batch_size=4, lr=5e-2, warmup_steps=1, seed=0), forward=adapted.forward)
+    save_adapter(adapted.peft_model, tmp_path / "trained", initial)
+    loaded = PeftModel.from_pretrained(original, str(tmp_path / "trained")).eval()
+    with torch.no_grad():
+        inputs = {k: data[k] for k in ("input_ids", "attention_mask")}
+        trained_logits = adapted.peft_model.eval()(**inputs).logits
+        loaded_logits = loaded(**inputs).logits
+        untrained_logits = tiny_llama(seed=4)(**inputs).logits
+    torch.testing.assert_close(loaded_logits, trained_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(trained_logits, untrained_logits, atol=1e-3)  # training moved it

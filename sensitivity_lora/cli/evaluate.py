@@ -63,7 +63,10 @@ def add_parser(subparsers) -> None:
     lm.add_argument("--split", choices=("test", "validation"), default="test",
                     help="score the held-out texts (test) or the validation texts")
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
-    lm.add_argument("--model", help="causal LM folder (default: SmolLM2-135M)")
+    lm.add_argument("--model", help="causal LM folder, or a shipped model: smollm2-135m (the default), gemma3-270m")
+    lm.add_argument("--save-adapters", metavar="DIR",
+                    help="save each run's trained adapter in DIR/<method>_r<r̄>_lr<lr>_seed<seed>_<split>, loadable on "
+                         "the original base model (PiSSA, OLoRA, LoRA-GA and CorDA adapters converted by PEFT)")
     lm.set_defaults(func=cmd_lm)
 
     s = sub.add_parser("stability", help="Kendall τ-b of θ orderings across domains, sizes and training")
@@ -208,9 +211,14 @@ def cmd_lm(args: argparse.Namespace) -> int:
         store.add({"task": "causal_lm", "method": "base", "avg_rank": 0, "seed": 0, "split": args.split,
                    "n_val": task.n_val,
                    "perplexity": perplexity(model, lm_tensors(scored, tokenizer, task.seq_len), 8)})
+    def save_dir(method, r: int, seed: int, lr: float) -> Path | None:
+        if not args.save_adapters:
+            return None
+        return Path(args.save_adapters) / f"{method.name}_r{r}_lr{lr:g}_seed{seed}_{args.split}"
+
     return _grid(args, "causal_lm", lambda method, r, seed, lr: run_causal_lm(
         model, tokenizer, texts, method, r, seed, _train_config(args, seed, lr), task,
-        eval_every=args.eval_every, split=args.split), split=args.split)
+        eval_every=args.eval_every, split=args.split, save_dir=save_dir(method, r, seed, lr)), split=args.split)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:

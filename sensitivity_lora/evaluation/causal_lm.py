@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -76,10 +78,11 @@ def perplexity(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int)
 
 def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method: Method, avg_rank: int,
                   seed: int, train_config: TrainConfig, task: CausalLMTask = CausalLMTask(),
-                  eval_every: int = 0, split: str = "test") -> dict[str, Any]:
+                  eval_every: int = 0, split: str = "test", save_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune one method at one seed; returns a JSON-ready record with the perplexity of ``split``:
     "test" (the held-out texts) or "validation" (``task.n_val`` texts, for choosing a learning rate).
-    ``eval_every`` > 0 adds that perplexity every that many steps (``eval_curve``)."""
+    ``eval_every`` > 0 adds that perplexity every that many steps (``eval_curve``). ``save_dir``: the trained
+    adapter is saved there, loadable on the original base model (a base-rewriting peer's is converted)."""
     train_texts, test_texts, val_texts = split_texts(texts, task.n_train, task.n_eval, seed, task.n_val)
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
@@ -93,11 +96,18 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
     torch.manual_seed(seed)
     adapted = build_adapted(copy.deepcopy(base_model), method, avg_rank, calibration, train_config.steps,
                             task_type="CAUSAL_LM")
+    initial = _initial_copy(adapted, save_dir)
     log = train(adapted.peft_model, lambda idx: {k: v[idx] for k, v in train_data.items()}, len(train_texts),
                 train_config, forward=adapted.forward, after_step=adapted.after_step, tsqlora=adapted.tsqlora,
                 eval_every=eval_every,
                 evaluate=lambda: {"perplexity": perplexity(adapted.peft_model, eval_data, task.eval_batch_size)})
     ranks = adapted.ranks()
+    if save_dir is not None:
+        from .peers import save_adapter
+
+        save_adapter(adapted.peft_model, save_dir, initial.name if initial is not None else None)
+        if initial is not None:
+            initial.cleanup()
     record = {
         "task": "causal_lm", "method": method.name, "avg_rank": avg_rank, "seed": seed,
         "lr": train_config.lr, "split": split, "n_val": task.n_val, "steps_planned": train_config.steps,
@@ -110,5 +120,18 @@ def run_causal_lm(base_model: nn.Module, tokenizer, texts: Sequence[str], method
         **log.extra,
         **curves(log),
         **({"parameter_counts": adapted.parameter_counts} if adapted.parameter_counts else {}),
+        **({"adapter_dir": str(save_dir)} if save_dir is not None else {}),
     }
     return record
+
+
+def _initial_copy(adapted, save_dir: str | Path | None) -> tempfile.TemporaryDirectory | None:
+    """A base-rewriting peer's adapter as initialised, kept until the trained one is converted against it."""
+    if save_dir is None or not adapted.rewrites_base:
+        return None
+    from .peers import save_initial_adapter
+
+    folder = tempfile.TemporaryDirectory(prefix="initial-adapter-")
+    save_initial_adapter(adapted.peft_model, folder.name)
+    return folder
+

@@ -143,3 +143,24 @@ def _one_sequence_at_a_time(model: nn.Module, calibration: list[Mapping[str, tor
                     model(input_ids=row[None].to(device), attention_mask=torch.ones_like(row)[None].to(device))
 
     return run
+
+
+def save_adapter(peft_model: nn.Module, folder: str | Path, initial: str | Path | None = None) -> Path:
+    """The trained adapter in ``folder``, loadable on the ORIGINAL base model.
+
+    For a peer that rewrote the base weights (W ← W − s·B₀A₀), ``initial`` is the folder where its
+    adapter was saved right after initialisation (:func:`save_initial_adapter`): PEFT's conversion writes
+    ΔW = s(BA − B₀A₀) as a plain LoRA of rank 2r ([A; A₀], [B, −B₀]), so it applies to W itself.
+    """
+    if initial is None:
+        peft_model.save_pretrained(str(folder))
+    else:
+        peft_model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial))
+    return Path(folder)
+
+
+def save_initial_adapter(peft_model: nn.Module, folder: str | Path) -> Path:
+    """The adapter as initialised, before any step: what :func:`save_adapter` subtracts for the conversion."""
+    peft_model.save_pretrained(str(folder))
+    return Path(folder)
+
