@@ -63,10 +63,12 @@ def add_parser(subparsers) -> None:
     lm.add_argument("--split", choices=("test", "validation"), default="test",
                     help="score the held-out texts (test) or the validation texts")
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
-    lm.add_argument("--model", help="causal LM folder, or a shipped model: smollm2-135m (the default), gemma3-270m")
+    lm.add_argument("--model", help="causal LM folder, or a shipped model: smollm2-135m, gemma3-270m "
+                                    "(default: SmolLM2-135M)")
     lm.add_argument("--save-adapters", metavar="DIR",
                     help="save each run's trained adapter in DIR/<method>_r<r̄>_lr<lr>_seed<seed>_<split>, loadable on "
-                         "the original base model (PiSSA, OLoRA, LoRA-GA and CorDA adapters converted by PEFT)")
+                         "the original base model (PiSSA, OLoRA, LoRA-GA and CorDA adapters converted by PEFT) "
+                         "(default: not saved)")
     lm.set_defaults(func=cmd_lm)
 
     s = sub.add_parser("stability", help="Kendall τ-b of θ orderings across domains, sizes and training")
