@@ -17,6 +17,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 
+def check_whole_rank_budget(avg_rank: int, rho: float) -> None:
+    """The settings of a whole-rank greedy (EVA-style): r̄ a positive integer, the cap round(ρ·r̄) with ρ ≥ 1."""
+    if isinstance(avg_rank, bool) or not isinstance(avg_rank, int) or avg_rank < 1:
+        raise ValueError(f"avg_rank must be a positive integer, got {avg_rank!r}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
+        raise ValueError(f"rho must be a number >= 1.0 (the cap is round(rho * avg_rank)), got {rho!r}")
+
+
 def greedy_ranks(scores: Mapping[str, torch.Tensor], budget: int, order: Sequence[str]) -> dict[str, int]:
     """{module: how many of the ``budget`` globally largest scores it holds}, for every module in ``order``."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:

@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .budget import greedy_ranks
+from .budget import check_whole_rank_budget, greedy_ranks
 from .covariance import second_moment
 from .decompose import fix_signs
 from .output_aware import _damped_cholesky, _top_right_singular
@@ -158,10 +158,7 @@ def check_settings(avg_rank: int, rho: float = 2.0, damping: float = 0.01, white
         raise ValueError(f"unknown whitening {whitening!r}; choose from {', '.join(WHITENINGS)}")
     if normalise not in NORMALISATIONS:
         raise ValueError(f"unknown normalise {normalise!r}; choose from {', '.join(NORMALISATIONS)}")
-    if isinstance(avg_rank, bool) or not isinstance(avg_rank, int) or avg_rank < 1:
-        raise ValueError(f"avg_rank must be a positive integer, got {avg_rank!r}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
-        raise ValueError(f"rho must be a number >= 1.0 (the cap is round(rho * avg_rank)), got {rho!r}")
+    check_whole_rank_budget(avg_rank, rho)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise ValueError(f"damping must be positive (a share of the mean diagonal of H), got {damping!r}")
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .budget import greedy_ranks
+from .budget import check_whole_rank_budget, greedy_ranks
 from .covariance import second_moment
 from .decompose import fix_signs, top_eigenpairs
 from .state import GroupSums, InitResult, as_group_sums, module_order
@@ -128,10 +128,7 @@ def _check(weights: Mapping[str, torch.Tensor], groups: Mapping[str, GroupSums],
            avg_rank: int, rho: float, variant: str, damping: float) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown output-aware variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    if isinstance(avg_rank, bool) or not isinstance(avg_rank, int) or avg_rank < 1:
-        raise ValueError(f"avg_rank must be a positive integer, got {avg_rank!r}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
-        raise ValueError(f"rho must be a number >= 1.0 (the cap is round(rho * avg_rank)), got {rho!r}")
+    check_whole_rank_budget(avg_rank, rho)
     if not damping > 0:
         raise ValueError(f"damping must be positive (a share of the mean eigenvalue), got {damping!r}")
     missing = [m for m in order if m not in weights]
