@@ -74,8 +74,8 @@ def lr_grid_table(records: list[dict[str, Any]], task: str, avg_rank: int) -> st
             means.append(mean)
             text = f"{mean:.2f}" + (f" ({len(scores)})" if len(scores) > 1 else "")
             cells.append(f"**{text}**" if lr == best[method] else text)
-        spread = abs(max(means) - min(means)) if len(means) > 1 else math.nan
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {spread:.2f} |")
+        spread = f"{max(means) - min(means):.2f}" if len(means) > 1 else "—"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {spread} |")
     return "\n".join([head, *lines])
 
 
