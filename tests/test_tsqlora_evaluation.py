@@ -6,7 +6,7 @@ import math
 from conftest import random_batches, tiny_llama
 from sensitivity_lora.evaluation.finetune import TrainConfig
 from sensitivity_lora.evaluation.methods import METHODS
-from test_evaluation import _texts, one_thread, tiny_classification, tokenizer  # noqa: F401 (fixtures)
+from test_evaluation import _texts, tiny_classification, tokenizer  # noqa: F401 (fixtures)
 
 NAMES = ("uniform", "tsqlora", "tsqlora-sampling", "tsqlora-ranks")
 
