@@ -18,7 +18,8 @@ from torch import nn
 
 from .calibration.statistics import CalibrationStatistics
 from .calibration.targets import module_weight
-from .init import covariance_init, eva_init, greedy_ranks, group_sums_from_statistics, output_aware_init
+from .init import (covariance_init, default_gain_rows, eva_init, greedy_ranks, group_sums_from_statistics,
+                   output_aware_init)
 from .init.state import InitResult
 from .scoring.allocate import module_caps
 from .scoring.result import Allocation
@@ -61,7 +62,7 @@ class PartwiseInit:
             weights = {name: module_weight(lookup[name]).detach() for name in order}
             result = output_aware_init(weights, groups, self.cap, 1.0, order=order)
         self.scores.update(result.scores)
-        self.rows.update(result.components)
+        self.rows.update(_scaled(result.components, groups, self.settings.init_scale))
         self.decompositions += result.decompositions
         self.solvers.update(result.solvers)
 
@@ -96,6 +97,15 @@ def with_init(allocation: Allocation, result: InitResult, settings: AllocationSe
     weights = {name: a.to(torch.float32).contiguous() for name, a in result.components.items()}
     return dataclasses.replace(allocation, method=method, budget=budget, modules=modules, settings=recorded,
                                initial_weights=weights)
+
+
+def _scaled(rows: dict[str, torch.Tensor], groups: dict, init_scale: str) -> dict[str, torch.Tensor]:
+    """Each module's rows at the length ``init_scale`` asks (a prefix of a scaled set is the scaled prefix:
+    every row is scaled on its own)."""
+    if init_scale == "unit":
+        return rows
+    sums = {m: g for g in groups.values() for m in g.members}
+    return {m: default_gain_rows(a, sums[m].xtx, sums[m].n_tokens) for m, a in rows.items()}
 
 
 def _bound(rank: int, cap: int) -> str | None:

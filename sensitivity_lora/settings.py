@@ -22,6 +22,8 @@ FUSIONS = ("sigma_mu2", "global", "local", "equal")
 METHODS = ("sra", "pra", "uniform")
 BUDGET_MODES = ("rank", "params")
 INITS = ("none", "covariance", "eva", "output-aware")
+# how long A's rows are: unit (EVA's orthonormal rows) or the input gain of PEFT's default A (docs/method.md §7)
+INIT_SCALES = ("unit", "default-gain")
 AUTO_INIT = "auto"  # the command's and SensitivityConfig's default: resolved by auto_init once the model is known
 
 
@@ -77,6 +79,10 @@ class AllocationSettings:
       Σxxᵀ and so implies ``hessian="full"``.
     init_rho: the per-module rank cap round(init_rho · r̄) of the ``eva`` and ``output-aware`` rules
       (EVA's ρ; PEFT's default 2).
+    init_scale: the length of A's rows. ``unit``: unit rows (EVA's); ``default-gain``: each row scaled so
+      that E[(a·x)²] over the calibration inputs equals a row of PEFT's default A, tr(M)/(3d), so the
+      adapter's output moves per step as plain LoRA's does (only the directions change). Unused with
+      ``init="none"`` (PEFT's own A keeps its own scale), as ``init_rho`` is unused by ``covariance``.
     """
 
     method: str = "sra"
@@ -92,11 +98,13 @@ class AllocationSettings:
     tiers: int = 3
     init: str = "none"
     init_rho: float = 2.0
+    init_scale: str = "unit"
 
     def __post_init__(self) -> None:
         _choice("init", self.init, INITS)
         if self.init != "none" and self.hessian != "full":
             object.__setattr__(self, "hessian", "full")  # an initialisation reads Σxxᵀ
+        _choice("init_scale", self.init_scale, INIT_SCALES)
         _choice("method", self.method, METHODS)
         _choice("hessian", self.hessian, HESSIAN_MODES)
         _choice("scope", self.scope, SCOPES)

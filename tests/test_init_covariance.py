@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sensitivity_lora.init import centred_covariance, second_moment
+from sensitivity_lora.init import centred_covariance, default_gain_rows, second_moment
 
 
 def tokens(n: int = 700, d: int = 24, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -58,3 +58,15 @@ def test_bad_sums_are_named(args, match):
 def test_second_moment_needs_tokens():
     with pytest.raises(ValueError, match="no tokens"):
         second_moment(torch.eye(2), 0)
+
+
+def test_default_gain_rows_by_hand():
+    xtx = torch.diag(torch.tensor([8.0, 2.0]))  # S over n = 2 tokens: M = diag(4, 1), tr(M)/(3d) = 5/6
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    out = default_gain_rows(rows, xtx, 2)
+    # row 1: a M aᵀ = 4 → scale √(5/6 / 4); row 2: 4 → the same; the zero row stays zero
+    expected = torch.tensor([[(5 / 24) ** 0.5, 0.0], [0.0, 2 * (5 / 24) ** 0.5], [0.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+    assert out.dtype == rows.dtype
+    with pytest.raises(ValueError, match=r"rows must be \(k, 2\)"):
+        default_gain_rows(torch.ones(1, 3), xtx, 2)

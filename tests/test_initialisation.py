@@ -15,8 +15,8 @@ from sensitivity_lora.peft import apply_initial_weights, lora_config, verify_ran
 from sensitivity_lora.scoring.result import Allocation, load_initial_weights
 
 
-def _oracle_directions(model, batches, k: int) -> dict[str, np.ndarray]:
-    """Top-k eigenvectors (rows) of every target's centred input covariance, from hooks of our own, fp64 numpy."""
+def _oracle_inputs(model, batches) -> dict[str, np.ndarray]:
+    """Every target's non-padding inputs (tokens × d_in), from hooks of our own, fp64 numpy."""
     stats = calibrate(model, batches, hessian="diag", progress=False)  # only for the names and the groups
     inputs: dict[str, list[np.ndarray]] = {name: [] for name in stats.dims}
     lookup = dict(model.named_modules())
@@ -30,10 +30,14 @@ def _oracle_directions(model, batches, k: int) -> dict[str, np.ndarray]:
             model(**b)
     for h in handles:
         h.remove()
+    masks = [b["attention_mask"].reshape(-1).bool().numpy() for b in batches]
+    return {name: np.concatenate([c[m] for c, m in zip(chunks, masks)]) for name, chunks in inputs.items()}
+
+
+def _oracle_directions(model, batches, k: int) -> dict[str, np.ndarray]:
+    """Top-k eigenvectors (rows) of every target's centred input covariance."""
     out = {}
-    for name, chunks in inputs.items():
-        masks = [b["attention_mask"].reshape(-1).bool().numpy() for b in batches]
-        x = np.concatenate([c[m] for c, m in zip(chunks, masks)])
+    for name, x in _oracle_inputs(model, batches).items():
         values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
         out[name] = vectors[:, ::-1][:, :k].T
     return out
@@ -154,12 +158,36 @@ def test_initial_weights_round_trip_and_refuse_a_foreign_allocation(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("init", ["covariance", "eva"])
+def test_default_gain_rows_keep_the_directions_at_the_input_gain_of_peft_default_a(init):
+    model, batches = tiny_llama(), random_batches(3)
+    unit = compute_allocation(model, batches, avg_rank=4, init=init, progress=False)
+    gain = compute_allocation(model, batches, avg_rank=4, init=init, init_scale="default-gain", progress=False)
+    assert gain.ranks() == unit.ranks() and gain.settings["init_scale"] == "default-gain"
+    inputs = _oracle_inputs(model, batches)
+    for name, rows in gain.initial_weights.items():
+        if not rows.shape[0]:
+            continue
+        x = inputs[name]
+        target = np.mean(x * x) / 3.0  # E[(a·x)²] of a row with entries U(±1/√d): tr(XᵀX/n) / (3d)
+        energy = np.mean((x @ rows.double().numpy().T) ** 2, axis=0)
+        np.testing.assert_allclose(energy, target, rtol=1e-4)
+        u = unit.initial_weights[name].double()
+        cos = (rows.double() * u).sum(dim=1) / rows.double().norm(dim=1)
+        torch.testing.assert_close(cos, torch.ones_like(cos))  # same directions and signs, longer or shorter
+    streamed = compute_allocation(model, batches, avg_rank=4, init=init, init_scale="default-gain",
+                                  streaming=True, progress=False)
+    assert all(torch.equal(gain.initial_weights[n], streamed.initial_weights[n]) for n in gain.modules)
+
+
 def test_init_settings_are_validated():
     assert AllocationSettings(init="eva").hessian == "full"  # an initialisation reads Σxxᵀ
     with pytest.raises(ValueError, match="init='svd' is unknown"):
         AllocationSettings(init="svd")
     with pytest.raises(ValueError, match="init_rho"):
         AllocationSettings(init="eva", init_rho=0.5)
+    with pytest.raises(ValueError, match="init_scale='gain' is unknown"):
+        AllocationSettings(init="covariance", init_scale="gain")
     with pytest.raises(ValueError, match="integer avg_rank"):
         compute_allocation(tiny_llama(), random_batches(1), avg_rank=2.5, init="eva", progress=False)
 
@@ -186,8 +214,9 @@ def test_cli_allocate_with_init_writes_weights_that_rebuild_the_adapter(tiny_lla
     text.write_text("\n".join(f"calibration line {i} with a few words of text" for i in range(12)))
     out = tmp_path / "out"
     assert main(["allocate", "--model", str(tiny_llama_dir), "--data", str(text), "--out", str(out), "--avg-rank", "4",
-                 "--init", "eva", "--no-plot", "--quiet", "--seq-len", "16"]) == 0
+                 "--init", "eva", "--init-scale", "default-gain", "--no-plot", "--quiet", "--seq-len", "16"]) == 0
     assert {p.name for p in out.iterdir()} == {"allocation.json", "adapter_config.json", "initial_weights.safetensors"}
     allocation = Allocation.load(out / "allocation.json", initial_weights=out / "initial_weights.safetensors")
-    assert allocation.method == "eva" and json.loads((out / "allocation.json").read_text())["settings"]["init"] == "eva"
+    recorded = json.loads((out / "allocation.json").read_text())["settings"]
+    assert allocation.method == "eva" and recorded["init"] == "eva" and recorded["init_scale"] == "default-gain"
     assert sum(a.shape[0] for a in allocation.initial_weights.values()) == allocation.total_rank()

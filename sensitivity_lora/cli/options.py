@@ -5,8 +5,8 @@ import argparse
 import math
 from typing import Any
 
-from ..settings import (AUTO_INIT, BUDGET_MODES, FUSIONS, HESSIAN_MODES, INITS, METHODS, SCOPES, AllocationSettings,
-                        auto_init)
+from ..settings import (AUTO_INIT, BUDGET_MODES, FUSIONS, HESSIAN_MODES, INIT_SCALES, INITS, METHODS, SCOPES,
+                        AllocationSettings, auto_init)
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -126,6 +126,9 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag", a
                         + ("; auto: covariance for a causal LM, none otherwise (docs/results.md)" if auto_init else ""))
     p.add_argument("--init-rho", type=finite_float, default=d.init_rho,
                    help="rank cap ρ of the eva / output-aware rank rules: round(ρ·r̄)")
+    p.add_argument("--init-scale", choices=INIT_SCALES, default=d.init_scale,
+                   help="length of A's rows: unit (EVA's), or default-gain (the input gain of PEFT's default A, "
+                        "so plain LoRA's learning rate carries over)")
 
 
 def allocation_settings(args: argparse.Namespace, model: Any = None) -> AllocationSettings:
@@ -134,7 +137,8 @@ def allocation_settings(args: argparse.Namespace, model: Any = None) -> Allocati
     return AllocationSettings(method=args.method, hessian=args.hessian, scope=args.scope, topk=args.topk,
                               energy=args.energy, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
                               r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers,
-                              init=resolved_init(args.init, model), init_rho=args.init_rho)
+                              init=resolved_init(args.init, model), init_rho=args.init_rho,
+                              init_scale=args.init_scale)
 
 
 def resolved_init(init: str, model: Any = None) -> str:

@@ -8,7 +8,7 @@ A matrices) are chosen:
 - ``uniform``: r̄ everywhere (plain LoRA).
 - ``sra``/``pra`` and the ``sra-*`` variants: Sensitivity-LoRA through
   :func:`sensitivity_lora.api.get_peft_model`, with the allocation settings listed in
-  :data:`METHODS`; ``sl-eva``, ``sra-cov``, ``uniform-cov`` and ``output-aware`` the same
+  :data:`METHODS`; ``sl-eva``, ``sra-cov`` (``sra-cov-gain``), ``uniform-cov`` and ``output-aware`` the same
   with an initialisation from the statistics (docs/method.md §7).
 - ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
   its own ρ = 2), rank budget r̄ per module; ``eva-uniform`` is the same
@@ -82,6 +82,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "this package's EVA: EVA's ranks and init (ρ = 2) from one calibration pass's Σxxᵀ, exact"),
     Method("sra-cov", "sensitivity", {"method": "sra", "init": "covariance"},
            "SRA ranks, A = top input-covariance eigenvectors, B = 0"),
+    Method("sra-cov-gain", "sensitivity", {"method": "sra", "init": "covariance", "init_scale": "default-gain"},
+           "sra-cov with A's rows at the input gain of PEFT's default A (only the directions change)"),
     Method("sra-cov-params", "sensitivity", {"method": "sra", "budget_mode": "params", "init": "covariance"},
            "sra-cov with the LoRA parameter count matched to uniform"),
     Method("uniform-cov", "sensitivity", {"method": "uniform", "init": "covariance"},

@@ -12,7 +12,7 @@ hessian="full")``). One decomposition per input group is shared by its members.
     to_eva_state_dict(result)                 → peft.tuners.lora.eva.initialize_lora_eva_weights (state.py)
     write_corda_covariance_file(path, groups) → peft CordaConfig(covariance_file=path) (corda.py)
 
-Building blocks: :func:`centred_covariance`, :func:`second_moment` (covariance.py),
+Building blocks: :func:`centred_covariance`, :func:`second_moment`, :func:`default_gain_rows` (covariance.py),
 :func:`top_eigenpairs` with the sign convention :func:`fix_signs` (decompose.py),
 :func:`greedy_ranks` (budget.py), :func:`alpha_pattern` (PEFT's adjust_scaling_factors).
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .budget import greedy_ranks
 from .corda import corda_covariances, write_corda_covariance_file
-from .covariance import centred_covariance, second_moment
+from .covariance import centred_covariance, default_gain_rows, second_moment
 from .decompose import Eigenpairs, choose_method, fix_signs, top_eigenpairs
 from .eva import eva_init
 from .newton import newton_init
@@ -34,7 +34,8 @@ from .with_ranks import covariance_init
 
 __all__ = [
     "PEFT_MODEL_PREFIX", "Eigenpairs", "GroupPCA", "GroupSums", "InitResult", "alpha_pattern", "as_group_sums",
-    "centred_covariance", "choose_method", "corda_covariances", "covariance_init", "eva_init", "fix_signs",
+    "centred_covariance", "choose_method", "corda_covariances", "covariance_init", "default_gain_rows", "eva_init",
+    "fix_signs",
     "greedy_ranks", "group_pca", "group_sums_from_statistics", "newton_init", "output_aware_init", "second_moment",
     "to_eva_state_dict", "top_eigenpairs", "write_corda_covariance_file",
 ]

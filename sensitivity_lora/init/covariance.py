@@ -40,6 +40,26 @@ def second_moment(xtx: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return (m + m.T) * 0.5
 
 
+# E[(a·x)²] of a row of PEFT's default A (Kaiming uniform, a = √5: entries U(±1/√d)) is tr(M) / (3d).
+KAIMING_ROW_ENERGY = 1.0 / 3.0
+
+
+def default_gain_rows(rows: torch.Tensor, xtx: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``rows`` (k, d) rescaled so that each gives E[(a·x)²] = tr(M)/(3d), M = S/n: what a row of PEFT's
+    default A gives. With B = 0, Adam moves B by about the learning rate per entry, so the adapter's
+    output moves per step in proportion to |A x|: matched rows keep plain LoRA's step size (and its
+    learning rate) and change only the directions. Zero-energy rows stay zero."""
+    if rows.ndim != 2 or rows.shape[1] != xtx.shape[-1]:
+        raise ValueError(f"rows must be (k, {xtx.shape[-1]}) to match Σxxᵀ, got {tuple(rows.shape)}")
+    moment = second_moment(xtx, n_tokens)
+    target = KAIMING_ROW_ENERGY * float(torch.diagonal(moment).sum()) / moment.shape[0]
+    r64 = rows.to(torch.float64)
+    energy = ((r64 @ moment) * r64).sum(dim=1)
+    scale = torch.where(energy > 0, (target / energy.clamp_min(torch.finfo(torch.float64).tiny)).sqrt(),
+                        torch.zeros_like(energy))
+    return (r64 * scale.unsqueeze(1)).to(rows.dtype)
+
+
 def _check_xtx(xtx: torch.Tensor) -> torch.Tensor:
     if xtx is None:
         raise ValueError("Σxxᵀ is missing: calibrate with hessian='full' to get the full input statistics")

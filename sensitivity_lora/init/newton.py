@@ -46,15 +46,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .budget import check_whole_rank_budget, greedy_ranks
-from .covariance import second_moment
+from .covariance import default_gain_rows, second_moment
 from .decompose import fix_signs
 from .output_aware import _damped_cholesky, _top_right_singular
 from .state import GroupSums, InitResult, as_group_sums, module_order
 
 WHITENINGS = ("cholesky", "eigh")
 NORMALISATIONS = ("rows", "none", "gain")
-# E[(a·x)²] of a row of PEFT's default A (Kaiming uniform, a = √5: entries U(±1/√d)) is tr(M) / (3d).
-KAIMING_ROW_ENERGY = 1.0 / 3.0
 
 
 class Whitener:
@@ -116,7 +114,7 @@ def newton_init(gradients: Mapping[str, torch.Tensor], groups: Mapping[str, Grou
             if normalise in ("rows", "gain"):
                 rows = rows / rows.norm(dim=1, keepdim=True)
             if normalise == "gain":
-                rows = _gain_matched(rows, sums)
+                rows = default_gain_rows(rows, sums.xtx, sums.n_tokens)
             scores[m], directions[m] = values, fix_signs(rows)
     budget = avg_rank * len(order)
     available = sum(s.numel() for s in scores.values())
@@ -130,16 +128,6 @@ def newton_init(gradients: Mapping[str, torch.Tensor], groups: Mapping[str, Grou
         settings={"avg_rank": avg_rank, "rho": rho, "damping": damping, "whitening": whitening,
                   "normalise": normalise, "solver": solver},
     )
-
-
-def _gain_matched(rows: torch.Tensor, sums: GroupSums) -> torch.Tensor:
-    """Rows scaled so that each gives E[(a·x)²] = tr(M)/(3d), what a row of PEFT's default A gives: with
-    B = 0, Adam moves B by about the learning rate per entry, so the output moves per step in proportion to
-    |A x|; matched rows keep plain LoRA's step size and change only the directions."""
-    moment = second_moment(sums.xtx, sums.n_tokens).to(rows.dtype)
-    target = KAIMING_ROW_ENERGY * float(torch.diagonal(moment).sum()) / moment.shape[0]
-    energy = ((rows @ moment) * rows).sum(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
-    return rows * (target / energy).sqrt().unsqueeze(1)
 
 
 def predicted_decrease(result: InitResult) -> dict[str, float]:
