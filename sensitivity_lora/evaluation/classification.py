@@ -2,9 +2,10 @@
 
 The model is the encoder, mean pooling over non-padding tokens (how MiniLM
 sentence embeddings are made) and a linear head. The head is trained in every
-method alike; LoRA goes on the encoder's linear layers. The test set is fixed
-across seeds; a seed picks the training articles, the head's initialisation,
-the LoRA initialisation and the batch order.
+method alike; LoRA goes on the encoder's linear layers. The test set (and the
+validation set, for choosing a learning rate) is fixed across seeds; a seed picks
+the training articles, the head's initialisation, the LoRA initialisation and the
+batch order.
 """
 from __future__ import annotations
 
@@ -42,25 +43,32 @@ class MeanPoolClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+Split = list[tuple[str, str]]
+
+
 def split_by_class(articles: Sequence[tuple[str, str]], n_train_per_class: int, n_test_per_class: int,
-                   seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, test) lists of (label, text): a fixed test set, and a seeded draw of training articles."""
+                   seed: int, n_val_per_class: int = 0) -> tuple[Split, Split, Split]:
+    """(train, test, validation) lists of (label, text): fixed test and validation sets, disjoint, and a
+    seeded draw of training articles from the rest (with no validation set, the same draw as before it
+    existed)."""
     by_class: dict[str, list[str]] = {}
     for label, text in articles:
         by_class.setdefault(label, []).append(text)
     if len(by_class) < 2:
         raise ValueError(f"classification needs at least 2 classes, got {sorted(by_class)}")
-    train_set, test_set = [], []
+    train_set, test_set, val_set = [], [], []
+    held = n_test_per_class + n_val_per_class
     for label in sorted(by_class):
         texts = sorted(by_class[label])  # independent of file order
         random.Random(f"{TEST_SPLIT_SEED}-{label}").shuffle(texts)
-        if len(texts) < n_train_per_class + n_test_per_class:
-            raise ValueError(f"class {label!r} has {len(texts)} articles, fewer than "
-                             f"{n_train_per_class} train + {n_test_per_class} test; lower the counts")
+        if len(texts) < n_train_per_class + held:
+            raise ValueError(f"class {label!r} has {len(texts)} articles, fewer than {n_train_per_class} train + "
+                             f"{n_test_per_class} test + {n_val_per_class} validation; lower the counts")
         test_set += [(label, t) for t in texts[:n_test_per_class]]
-        pool = texts[n_test_per_class:]
+        val_set += [(label, t) for t in texts[n_test_per_class:held]]
+        pool = texts[held:]
         train_set += [(label, t) for t in random.Random(f"{seed}-{label}").sample(pool, n_train_per_class)]
-    return train_set, test_set
+    return train_set, test_set, val_set
 
 
 def macro_f1(pred: Sequence[int], gold: Sequence[int], n_classes: int) -> float:
@@ -82,6 +90,7 @@ class ClassificationTask:
     n_test_per_class: int = 40
     max_len: int = 128
     n_calibration: int = 64  # training articles (labels unused) the data-driven methods calibrate on
+    n_val_per_class: int = 0  # validation articles (for choosing a learning rate), apart from train and test
     calibration_batch_size: int = 16
     eval_batch_size: int = 32
 
@@ -116,10 +125,19 @@ def test_metrics(model: nn.Module, data: dict[str, torch.Tensor], labels: Sequen
 
 def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[str, str]], method: Method,
                        avg_rank: int, seed: int, train_config: TrainConfig,
-                       task: ClassificationTask = ClassificationTask(), eval_every: int = 0) -> dict[str, Any]:
-    """Fine-tune one method at one seed and score it on the test set; returns a JSON-ready record.
-    ``eval_every`` > 0 adds the test accuracy and loss every that many steps (``eval_curve``)."""
-    train_set, test_set = split_by_class(articles, task.n_train_per_class, task.n_test_per_class, seed)
+                       task: ClassificationTask = ClassificationTask(), eval_every: int = 0,
+                       split: str = "test") -> dict[str, Any]:
+    """Fine-tune one method at one seed and score it on ``split``: "test" or "validation" (the
+    ``task.n_val_per_class`` articles per class kept for choosing a learning rate); returns a JSON-ready
+    record. ``eval_every`` > 0 adds that split's accuracy and loss every that many steps (``eval_curve``)."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    if split == "validation" and task.n_val_per_class < 1:
+        raise ValueError("the validation split is empty: set n_val_per_class (--val-per-class) above 0")
+    train_set, test_set, val_set = split_by_class(articles, task.n_train_per_class, task.n_test_per_class, seed,
+                                                  task.n_val_per_class)
+    if split == "validation":
+        test_set = val_set  # scored in its place; the test articles stay unseen
     labels = sorted({label for label, _ in train_set})
     index = {label: i for i, label in enumerate(labels)}
     train_enc = _encode(tokenizer, [t for _, t in train_set], task.max_len)
@@ -154,7 +172,7 @@ def run_classification(encoder: nn.Module, tokenizer, articles: Sequence[tuple[s
         "final_train_loss": mean_last(log.losses),
         "setup_seconds": adapted.setup_seconds, "train_seconds": log.seconds,
         "steps": log.steps, "plan_digest": log.plan_digest, "trainable_params_at_start": log.trainable_params,
-        "n_train": len(train_set), "n_test": len(test_set),
+        "n_train": len(train_set), "n_test": len(test_set), "split": split, "n_val": task.n_val_per_class,
         "ranks": ranks,
         **budget_summary(ranks, target_dims(adapted.peft_model, adapted.targets)),
         **log.extra,
