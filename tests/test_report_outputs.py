@@ -70,3 +70,19 @@ def test_a_corrupt_results_file_is_named(tmp_path):
     with pytest.raises(FileFormatError, match="runs.json"):
         write_report(tmp_path, tmp_path / "out")
     assert bad.read_text() == '[{"task": "causal_lm", "method": "unif'
+
+
+def test_a_folder_mixing_models_or_domains_is_refused(tmp_path, old_report):
+    results = tmp_path / "results"
+    results.mkdir()
+    smol, gemma = ({**RECORD, "model": m, "category": "tech"} for m in ("smollm2-135m", "gemma3-270m"))
+    (results / "a.json").write_text(json.dumps([smol, {**RECORD, "seed": 1}]))  # a record without the field: taken
+    write_report(results, old_report)
+    (results / "b.json").write_text(json.dumps([gemma]))  # same run key, another model: would be averaged in
+    before = _contents(old_report)
+    with pytest.raises(ValueError, match="more than one model .gemma3-270m, smollm2-135m"):
+        write_report(results, old_report)
+    (results / "b.json").write_text(json.dumps([{**smol, "category": "python-docs"}]))
+    with pytest.raises(ValueError, match="more than one category"):
+        write_report(results, old_report)
+    assert _contents(old_report) == before

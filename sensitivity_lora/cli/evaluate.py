@@ -229,9 +229,10 @@ def cmd_lm(args: argparse.Namespace) -> int:
             return None
         return Path(args.save_adapters) / f"{method.name}_r{r}_lr{lr:g}_seed{seed}_{args.split}"
 
-    return _grid(args, "causal_lm", lambda method, r, seed, lr: run_causal_lm(
+    setting = {"model": args.model or "smollm2-135m", "category": args.category}  # kept apart by the report
+    return _grid(args, "causal_lm", lambda method, r, seed, lr: {**setting, **run_causal_lm(
         model, tokenizer, texts, method, r, seed, _train_config(args, seed, lr), task,
-        eval_every=args.eval_every, split=args.split, save_dir=save_dir(method, r, seed, lr)), split=args.split)
+        eval_every=args.eval_every, split=args.split, save_dir=save_dir(method, r, seed, lr))}, split=args.split)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:

@@ -25,7 +25,22 @@ def load_records(folder: Path) -> list[dict[str, Any]]:
         data = read_json(path)
         if isinstance(data, list):
             records += [r for r in data if isinstance(r, dict) and r.get("task") in SCORES and "seed" in r]
+    _check_one_setting(records, folder)
     return records
+
+
+SETTING_FIELDS = ("model", "category")  # what the run key leaves out: one folder holds one setting
+
+
+def _check_one_setting(records: list[dict[str, Any]], folder: Path) -> None:
+    """Refuse a folder whose records come from several models or text domains: their runs share run keys
+    and would be averaged together. Records that predate these fields are taken as they are."""
+    for field in SETTING_FIELDS:
+        for task in {r["task"] for r in records}:
+            seen = sorted({str(r[field]) for r in records if r["task"] == task and field in r})
+            if len(seen) > 1:
+                raise ValueError(f"{folder} mixes {task} runs of more than one {field} ({', '.join(seen)}); keep one "
+                                 f"setting per results folder (e.g. {folder}/<{field}>/) and report each on its own")
 
 
 REFERENCES = ("uniform", "eva")  # paired differences are reported against these methods (plain LoRA, PEFT's EVA)
