@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-# Exit codes (README "Guarantees" lists them): every expected error is one line on stderr and one of these.
+# Exit codes (docs/cli.md lists them): every expected error is one line on stderr and one of these.
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: the message says so; --debug shows the traceback
 EXIT_INPUT = 2  # bad input or usage: options, settings, model folder, data, target modules, files read
