@@ -17,10 +17,10 @@ from .calibration import CalibrationStatistics, block_statistics, released
 from .calibration.distributed import rank_and_world
 from .calibration.targets import module_dims, resolve_targets
 from .calibration.validate import check_device, check_model
-from .files import ensure_output_folder
+from .files import check_output_folder, check_path
 from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
 from .scoring.allocate import check_budget_fits
-from .settings import AllocationSettings, check_avg_rank, resolve_settings
+from .settings import AllocationSettings, check_adapter_name, check_avg_rank, check_flag, resolve_settings
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
 
@@ -92,12 +92,16 @@ def compute_allocation(
     """
     settings = resolve_settings(settings, **overrides)  # fail on bad settings before the expensive pass
     check_avg_rank(avg_rank)
+    for name, flag in (("progress", progress), ("streaming", streaming), ("distributed", distributed)):
+        check_flag(name, flag)
+    if checkpoint_dir is not None:
+        check_path("checkpoint_dir", checkpoint_dir)
     check_device(device), check_device(cache_device, "cache_device")
     check_model(model)
     check_budget_fits({n: module_dims(model.get_submodule(n)) for n in resolve_targets(model, target_modules)},
                       avg_rank, settings)
-    if checkpoint_dir is not None:
-        ensure_output_folder(checkpoint_dir, "checkpoint folder")
+    if checkpoint_dir is not None:  # checked, not made: the run's lock makes it once every batch has passed
+        check_output_folder(checkpoint_dir, "checkpoint folder")
     streaming = streaming or any(v is not None for v in (checkpoint_dir, device, cache_device))
     blocks = block_statistics(model, batches, target_modules, settings.hessian, backend, streaming=streaming,
                               distributed=distributed, checkpoint_dir=checkpoint_dir, device=device,
@@ -126,17 +130,12 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
     """
     from .peft import build_peft_model, check_lora_alpha, check_lora_kwargs, lora_config
 
-    check_lora_kwargs(lora_kwargs or {})  # before the expensive calibration
+    check_lora_kwargs({} if lora_kwargs is None else lora_kwargs)  # before the expensive calibration ("" is no mapping)
     check_lora_alpha(lora_alpha)
     check_adapter_name(adapter_name)
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
     config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
     return build_peft_model(model, allocation, config, adapter_name), allocation
-
-
-def check_adapter_name(adapter_name: Any) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
 
 
 def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora_alpha: float | None = None,
@@ -160,6 +159,7 @@ def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora
     from .init.newton import check_settings, predicted_decrease
     from .peft import build_peft_model_from_ranks, check_lora_alpha, check_lora_kwargs
 
+    check_lora_kwargs({} if lora_kwargs is None else lora_kwargs)
     lora_kwargs = dict(lora_kwargs or {})
     if task_type is not None:
         lora_kwargs["task_type"] = task_type

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -236,6 +237,8 @@ def calibration_batches(texts: Sequence[str], tokenizer: Any, seq_len: int = 256
     to the longest in its batch. Dicts with ``input_ids`` and ``attention_mask`` (int64). Empty texts are skipped."""
     if isinstance(texts, str):
         raise DataError("texts must be a list of strings, not one string: wrap it in a list")
+    if not isinstance(texts, Iterable):
+        raise DataError(f"texts must be a list of strings, got {type(texts).__name__}")
     check_positive("seq_len", seq_len)
     check_positive("batch_size", batch_size)
     if max_samples is not None:

@@ -168,6 +168,28 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
 
 # ---------------------------------------------------------------- output folders
 
+def check_path(name: str, value: Any) -> None:
+    """A path argument is a str or os.PathLike (Path(1) would fail with a message that names nothing)."""
+    if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value):
+        raise ValueError(f"{name} must be a path (a non-empty str or os.PathLike), got {value!r}")
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> None:
+    """What :func:`ensure_output_folder` would refuse, found without creating anything (a run refused
+    later, e.g. for its budget, leaves no empty folder behind)."""
+    path = Path(path)
+    if path.exists():
+        ensure_output_folder(path, what)  # exists already: nothing is created
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create the {what} {path}: a parent of it is a file", errno.ENOTDIR)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create the {what} {path}: {parent} is not writable", errno.EACCES)
+
+
 def ensure_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     """``path`` as a writable folder (created with its parents); OutputError naming it otherwise."""
     path = Path(path)
@@ -201,6 +223,7 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     the next one (its lock file is simply taken over). Within one process the lock is re-entrant
     (a checkpoint folder may be the output folder).
     """
+    created = not Path(folder).exists()
     folder = ensure_output_folder(folder, what)
     key = str(folder.resolve())
     with _HELD_GUARD:
@@ -209,14 +232,21 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
             held[1] += 1
         else:
             held = _HELD[key] = [_acquire(folder, what), 1]
+    failed = False
     try:
         yield folder
+    except BaseException:
+        failed = True
+        raise
     finally:
         with _HELD_GUARD:
             held[1] -= 1
             if held[1] == 0:
                 del _HELD[key]
                 _release(folder, held[0])
+                if created and failed:  # a refused run leaves no empty folder it made (rmdir keeps a non-empty one)
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
 
 
 def _acquire(folder: Path, what: str):
@@ -226,7 +256,11 @@ def _acquire(folder: Path, what: str):
     except ImportError:  # pragma: no cover - Windows: no advisory locks here; one run at a time is up to the user
         return None
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except FileNotFoundError:  # the run that held it failed and removed the folder it had made
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -136,6 +136,9 @@ def lora_config(allocation: Allocation, lora_alpha: float | None = None, **lora_
     (scale alpha/√r). Other keyword arguments (``lora_dropout``, ``task_type``,
     ``bias``, ``modules_to_save``, ...) go to LoraConfig.
     """
+    if not isinstance(allocation, Allocation):
+        raise ValueError(f"allocation must be an Allocation (from compute_allocation or Allocation.load), "
+                         f"got {type(allocation).__name__}")
     return lora_config_from_ranks(allocation.ranks(), allocation.avg_rank, lora_alpha, **lora_kwargs)
 
 

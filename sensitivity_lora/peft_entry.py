@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from numbers import Integral
 from typing import Any, Sequence
 
 from torch import nn
 
-from .api import check_adapter_name, compute_allocation
+from .api import compute_allocation
 from .batches import as_batches
 from .calibration.model_state import ModelState
+from .calibration.targets import module_dims, resolve_targets
+from .calibration.validate import check_backend_name
 from .data import check_positive
-from .peft import adapter_layers, base_key, build_peft_model, lora_config_from_ranks
+from .peft import adapter_layers, base_key, build_peft_model, check_lora_alpha, lora_config_from_ranks
 from .models import is_causal_lm
-from .settings import AUTO_INIT, AllocationSettings, auto_init
+from .scoring.allocate import check_budget_fits
+from .settings import AUTO_INIT, AllocationSettings, auto_init, check_adapter_name, check_flag
 
 _OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data pass: they would override ours
 
@@ -66,8 +70,11 @@ class SensitivityConfig(AllocationSettings):
         if self.max_samples is not None:
             check_positive("max_samples", self.max_samples)
         for name in ("streaming", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_flag(name, getattr(self, name))
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"text_field must be a non-empty string (a column name), got {self.text_field!r}")
+        if self.backend is not None:
+            check_backend_name(self.backend)
 
     def allocation_settings(self, causal_lm: bool = True) -> AllocationSettings:
         """The allocation part alone (what ``allocation.json`` records), ``init="auto"`` resolved for a model
@@ -93,8 +100,10 @@ def _check_lora_config(lora_config: Any, config: SensitivityConfig) -> None:
     if config.init not in ("none", AUTO_INIT) and not isinstance(weights, bool):
         raise ValueError(f"init_lora_weights={weights!r} conflicts with SensitivityConfig(init={config.init!r}), "
                          "which sets A from the statistics and B = 0; pass init='none' to keep PEFT's initialisation")
-    if float(lora_config.r) != int(lora_config.r) or lora_config.r < 1:
-        raise ValueError(f"LoraConfig.r must be a positive integer (the average rank), got {lora_config.r!r}")
+    r = lora_config.r
+    if isinstance(r, bool) or not isinstance(r, Integral) or r < 1:
+        raise ValueError(f"LoraConfig.r must be a positive integer (the average rank), got {r!r}")
+    check_lora_alpha(lora_config.lora_alpha)  # used only after the calibration pass: checked before it
 
 
 def _adapted_names(peft_model: nn.Module, adapter_name: str) -> list[str]:
@@ -158,6 +167,15 @@ def initialize_lora_sensitivity(model: nn.Module, data: Any, lora_config: Any = 
         targets, base = _targets_of(model, lora_config, adapter_name), model
     else:
         targets, base = target_modules, model  # None: every linear layer of the blocks
+    # the budget against the shapes, before anything changes, in the terms of this call's argument (LoraConfig.r)
+    names = targets if is_peft else resolve_targets(base, targets)
+    layers = {n: base.get_submodule(n) for n in names}
+    shapes = {n: module_dims(getattr(m, "base_layer", m)) for n, m in layers.items()}  # a PEFT layer wraps its linear
+    try:
+        check_budget_fits(shapes, int(lora_config.r), config.allocation_settings())
+    except ValueError as exc:
+        raise ValueError(f"LoraConfig.r={lora_config.r} (the average rank r̄) does not fit the adapted modules: "
+                         f"{exc}") from None
     state = ModelState.capture(base)
     try:
         if is_peft:

@@ -56,6 +56,30 @@ def check_avg_rank(avg_rank: Any) -> None:
         raise ValueError(f"avg_rank must be a positive finite number, got {avg_rank!r}")
 
 
+def check_rho(rho: Any, name: str = "rho") -> None:
+    """The rank cap factor ρ (r_max = ⌊ρ·r̄⌋): a positive number, ``math.inf`` for no cap. One rule for every
+    door that takes it (the allocation settings, TsqLoRA's initial ranks)."""
+    if not _is_real(rho) or math.isnan(rho) or rho <= 0:
+        raise ValueError(f"{name} must be a positive number (or inf for no cap), got {rho!r}")
+
+
+def check_hessian(hessian: Any) -> None:
+    """What the calibration accumulates: ``diag`` or ``full`` (checked by every door before its pass)."""
+    if not isinstance(hessian, str) or hessian not in HESSIAN_MODES:
+        raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A switch is True or False: a truthy string such as "no" must not silently turn it on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+
+
 @dataclass(frozen=True)
 class AllocationSettings:
     """Scoring and allocation settings; the defaults are the method's.
@@ -125,8 +149,7 @@ class AllocationSettings:
             raise ValueError(f"energy={self.energy!r} must lie in (0, 1] (the energy share of the effective rank)")
         if not _is_int(self.r_min) or self.r_min < 1:
             raise ValueError(f"r_min must be an int >= 1, got {self.r_min!r}")
-        if not _is_real(self.rho) or math.isnan(self.rho) or self.rho <= 0:
-            raise ValueError(f"rho must be a positive number (or inf for no cap), got {self.rho!r}")
+        check_rho(self.rho)
         if self.r_max is not None and (not _is_int(self.r_max) or self.r_max < 1):
             raise ValueError(f"r_max must be an int >= 1 or None, got {self.r_max!r}")
         if not _is_int(self.tiers) or self.tiers < 1:

@@ -305,7 +305,7 @@ def test_allocate_records_everything_and_keeps_model_order():
     assert alloc.method == "sra" and alloc.budget == 72 == alloc.total_rank() and alloc.budget_mode == "rank"
     assert alloc.settings == {"hessian": "diag", "scope": "matrix", "topk": 0.5, "energy": 0.85,
                               "fusion": "sigma_mu2", "r_min": 1, "rho": 4.0, "r_max": None, "tiers": 3,
-                              "init": "none", "init_rho": 2.0, "n_tokens": 100}
+                              "init": "none", "init_rho": 2.0, "init_scale": "unit", "n_tokens": 100}
     for name, m in alloc.modules.items():
         assert (m.trace, m.topk, m.eff_rank, m.d_in, m.d_out, m.group) == (
             metrics[name].trace, metrics[name].topk, metrics[name].eff_rank, metrics[name].d_in,

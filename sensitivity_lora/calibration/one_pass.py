@@ -8,11 +8,12 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..progress import progress_bar
+from ..settings import check_flag, check_hessian
 from .forward import forward_kwargs, model_device, prepare_batch, preserved_state, run_model
 from .hooks import StatisticsHooks
 from .statistics import CalibrationStatistics
 from .targets import module_dims, resolve_targets
-from .validate import check_batches, check_model, real_rows
+from .validate import check_backend, check_batches, check_model, real_rows
 
 
 def calibrate(
@@ -28,13 +29,16 @@ def calibrate(
     The model's weights, dtype, device and train/eval mode are unchanged afterwards;
     hooks are removed also when an error is raised.
     """
+    check_hessian(hessian)
+    check_flag("progress", progress)
     check_model(model)
     names = resolve_targets(model, target_modules)
+    device = model_device(model)
+    check_backend(backend, {device}, hessian)  # the hooks would find an unknown backend only in the first pass
     batches = check_batches(model, batches)  # every batch checked before the first forward pass
     lookup = dict(model.named_modules())
     modules = {n: lookup[n] for n in names}
     dims = {n: module_dims(m) for n, m in modules.items()}
-    device = model_device(model)
     extra = forward_kwargs(model, modules.values())
     seen_batches = 0
     with preserved_state(model), StatisticsHooks(modules, hessian, backend) as hooks:

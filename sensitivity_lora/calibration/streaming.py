@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..progress import progress_bar
-from ..settings import HESSIAN_MODES
+from ..settings import check_hessian
 from .fingerprint import run_fingerprint
 from .forward import forward_kwargs, model_device, prepare_batch, preserved_state, run_model
 from .hooks import StatisticsHooks
@@ -256,8 +256,7 @@ def iter_block_statistics(
       back at the end, so a rebound parameter is refused (CalibrationError). Needs streaming; no
       checkpoint (a resumed run could not redo the consumer's changes). Each block then runs twice.
     """
-    if hessian not in HESSIAN_MODES:
-        raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    check_hessian(hessian)
     device, cache_device = check_device(device), check_device(cache_device, "cache_device")
     check_model(model)
     check_backend(backend, {device or model_device(model)}, hessian)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
@@ -78,6 +79,9 @@ def resolve_targets(model: nn.Module, target_modules: str | Sequence[str] | None
             raise TargetError(f"target_modules regex {target_modules!r} is invalid: {exc}") from exc
         names = [n for n, _ in linears if pattern.fullmatch(n)]
     else:
+        if isinstance(target_modules, (bytes, Mapping)) or not isinstance(target_modules, Iterable):
+            raise TargetError(f"target_modules must be a regex string, a list of module names or None, "
+                              f"got {target_modules!r}")
         keys = list(target_modules)
         if not keys or not all(isinstance(k, str) and k for k in keys):
             raise TargetError("target_modules must be a regex string or a non-empty list of module names")

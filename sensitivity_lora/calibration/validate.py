@@ -47,8 +47,16 @@ def check_device(device: Any, what: str = "device") -> torch.device | None:
     return parsed
 
 
+def check_backend_name(backend: Any, name: str = "backend") -> None:
+    """A kernel backend named for later use (None or "auto": the best available); whether it runs on the
+    devices of a run is :func:`check_backend`'s question."""
+    if backend is not None and (not isinstance(backend, str) or backend not in ("auto",) + ops.BACKENDS):
+        raise ValueError(f"{name} must be None or one of auto, {', '.join(ops.BACKENDS)}, got {backend!r}")
+
+
 def check_backend(backend: str | None, devices: Iterable[torch.device], hessian: str) -> None:
     """A forced kernel backend must exist for every op the run needs on every device it runs on."""
+    check_backend_name(backend)  # 0, False or "" would otherwise read as "auto"
     needed = ["accumulate_sumsq", "diag_stats"] + (["accumulate_xtx"] if hessian == "full" else [])
     for device in devices:
         for op in needed:  # the statistics live, and are scored, where the activations are

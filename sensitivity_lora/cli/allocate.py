@@ -74,7 +74,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     """
     from ..api import compute_allocation
     from ..errors import MissingPackageError
-    from ..files import FileSet, ensure_output_folder, output_lock
+    from ..files import FileSet, check_output_folder, output_lock
     from ..peft import check_lora_alpha, lora_config, lora_config_json
     from ..models import is_causal_lm
     from ..report import plot_ranks
@@ -83,8 +83,8 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     settings = options.allocation_settings(args)  # bad settings fail before the model is loaded
     check_avg_rank(args.avg_rank)
     check_lora_alpha(args.lora_alpha)
-    if args.checkpoint_dir is not None:
-        ensure_output_folder(args.checkpoint_dir, "checkpoint folder")
+    if args.checkpoint_dir is not None:  # checked, not created: a run refused later leaves no empty folder
+        check_output_folder(args.checkpoint_dir, "checkpoint folder")
     t0 = time.perf_counter()
     with output_lock(args.out) as out, FileSet(out, replaces=OUTPUTS) as files:
         model, _, texts, batches = options.load_model_and_batches(args)

@@ -111,22 +111,29 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:  # 0 would be ignored silently, a negative number fail inside torch
+        _at_least("threads", args.threads, 1)
+
+
 def _check_args(args: argparse.Namespace, task: str) -> None:
     """Every option of a comparison, checked before a model is loaded or a results file is touched."""
     import math
 
+    from ..data import BBC_CATEGORIES
     from ..evaluation.methods import parse_methods
 
     parse_methods(args.methods)
-
-    def at_least(name: str, value: int, low: int) -> None:
-        if value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
+    _check_threads(args)
     for name, low in (("steps", 1), ("batch_size", 1), ("eval_every", 0)):
-        at_least(name, getattr(args, name), low)
+        _at_least(name, getattr(args, name), low)
     for rank in args.avg_ranks:
-        at_least("avg_ranks", rank, 1)
+        _at_least("avg_ranks", rank, 1)
     for lr in args.lr:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"--lr must be positive and finite, got {lr}")
@@ -134,10 +141,13 @@ def _check_args(args: argparse.Namespace, task: str) -> None:
         raise ValueError(f"--seeds must be non-negative, got {args.seeds}")
     if task == "causal_lm":
         for name, low in (("n_train", 1), ("n_eval", 1), ("n_val", 0), ("seq_len", 2)):
-            at_least(name, getattr(args, name), low)
+            _at_least(name, getattr(args, name), low)
+        if args.category not in BBC_CATEGORIES + ("python-docs",):  # else found after the model is loaded
+            raise ValueError(f"--category {args.category!r} is unknown: choose from "
+                             f"{', '.join(BBC_CATEGORIES + ('python-docs',))}")
     else:
         for name, low in (("train_per_class", 1), ("test_per_class", 1), ("max_len", 2), ("n_calibration", 1)):
-            at_least(name, getattr(args, name), low)
+            _at_least(name, getattr(args, name), low)
         if args.n_val < 0:
             raise ValueError(f"--val-per-class must be at least 0, got {args.n_val}")
     if args.split == "validation" and args.n_val < 1:
@@ -235,7 +245,20 @@ def cmd_lm(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, split=args.split, save_dir=save_dir(method, r, seed, lr))}, split=args.split)
 
 
+def _check_stability_args(args: argparse.Namespace) -> None:
+    """The stability study's options, checked before the model is loaded and before the first study runs."""
+    from ..data import BBC_CATEGORIES
+
+    _check_threads(args)
+    for name, low in (("n_texts", 1), ("size_set", 1), ("seq_len", 2), ("avg_rank", 1), ("epochs", 1),
+                      ("steps_per_epoch", 1)):
+        _at_least(name, getattr(args, name), low)
+    if args.category not in BBC_CATEGORIES:
+        raise ValueError(f"--category {args.category!r} is unknown: choose from {', '.join(BBC_CATEGORIES)}")
+
+
 def cmd_stability(args: argparse.Namespace) -> int:
+    _check_stability_args(args)
     _setup(args)
     import random
 

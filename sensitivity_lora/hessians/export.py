@@ -14,8 +14,8 @@ from ..calibration.run import block_statistics
 from ..calibration.targets import resolve_targets
 from ..calibration.validate import check_batches, check_device, check_model
 from ..errors import OutputError
-from ..files import output_lock
-from ..settings import HESSIAN_MODES
+from ..files import check_path, output_lock
+from ..settings import check_flag, check_hessian
 from .format import CHECKPOINT_DIR, HessianWriter, check_export_folder
 from .storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, check_storage
 
@@ -42,8 +42,11 @@ def export_hessians(model: torch.nn.Module, batches: Iterable, out_dir: str | os
     """
     import torch.distributed as dist
 
-    if hessian not in HESSIAN_MODES:
-        raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
+    check_hessian(hessian)
+    check_path("out_dir", out_dir)
+    for name, flag in (("streaming", streaming), ("distributed", distributed), ("resume", resume),
+                       ("overwrite", overwrite), ("progress", progress)):
+        check_flag(name, flag)
     check_storage(storage_dtype, layout)
     check_device(device), check_device(cache_device, "cache_device")
     check_model(model)

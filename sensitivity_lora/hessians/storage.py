@@ -24,9 +24,9 @@ DEFAULT_DTYPE, DEFAULT_LAYOUT = "float64", "full"
 
 def check_storage(dtype: str, layout: str) -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"storage_dtype: the storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
-        raise ValueError(f"storage layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        raise ValueError(f"layout: the storage layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 def pack(tensors: dict[str, torch.Tensor], dtype: str = DEFAULT_DTYPE, layout: str = DEFAULT_LAYOUT) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
+from ..settings import check_flag
+
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -16,6 +18,11 @@ def _in_unit(name: str, value: Any, closed_low: bool = False) -> None:
     ok = isinstance(value, Real) and not isinstance(value, bool) and (0 <= value < 1 if closed_low else 0 < value < 1)
     if not ok:
         raise ValueError(f"{name} must lie in {'[0, 1)' if closed_low else '(0, 1)'}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    """A real, finite number; not a bool (True would pass as 1)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,15 @@ class HyperAdaLoraConfig:
         _in_unit("lora_dropout", self.lora_dropout, closed_low=True)
         _in_unit("beta1", self.beta1)
         _in_unit("beta2", self.beta2)
-        if not (isinstance(self.orth_reg_weight, Real) and self.orth_reg_weight >= 0):
-            raise ValueError(f"orth_reg_weight must be ≥ 0, got {self.orth_reg_weight!r}")
+        if not (_finite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            raise ValueError(f"orth_reg_weight must be a finite number ≥ 0, got {self.orth_reg_weight!r}")
         for name in ("hidden_size", "num_layers", "num_heads", "chunk_size", "code_size"):
             _positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
-        if not (isinstance(self.init_std, Real) and self.init_std > 0):
-            raise ValueError(f"init_std must be positive, got {self.init_std!r}")
+        if not (_finite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std must be a positive finite number, got {self.init_std!r}")
+        check_flag("weight_stats", self.weight_stats)
         self._fill_schedule()
 
     def _fill_schedule(self) -> None:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from ..peft import lora_config_from_ranks, lora_layers, pattern_key
+from ..files import check_path
+from ..peft import check_lora_kwargs, lora_config_from_ranks, lora_layers, pattern_key
+from ..settings import check_adapter_name, check_flag
 from .model import HyperAdaLoraModel
 
 
@@ -61,6 +63,11 @@ def to_peft_model(model: HyperAdaLoraModel, inplace: bool = False, adapter_name:
     """
     from peft import get_peft_model
 
+    if not isinstance(model, HyperAdaLoraModel):
+        raise ValueError(f"model must be a HyperAdaLoraModel, got {type(model).__name__}")
+    check_flag("inplace", inplace)
+    check_adapter_name(adapter_name)
+    check_lora_kwargs(lora_kwargs)  # before the model's state is touched
     ranks = _check_final(model)
     model.release_updates()  # the last training forward's tensors belong to a graph: they cannot be copied
     if not inplace:
@@ -116,6 +123,7 @@ def save_lora_adapter(model: HyperAdaLoraModel, folder: str | Path, **lora_kwarg
 
     ``PeftModel.from_pretrained(base_model, folder)`` then loads it without this package.
     """
+    check_path("folder", folder)
     folder = Path(folder)
     to_peft_model(model, inplace=False, **lora_kwargs).save_pretrained(str(folder))
     return folder

@@ -20,7 +20,8 @@ class HyperAdaLoraCallback(TrainerCallback):
 
     def __init__(self, model: HyperAdaLoraModel) -> None:
         if not isinstance(model, HyperAdaLoraModel):
-            raise TypeError(f"HyperAdaLoraCallback needs a HyperAdaLoraModel, got {type(model).__name__}")
+            raise TypeError(f"model must be a HyperAdaLoraModel (HyperAdaLoraCallback prunes its generated ranks), "
+                            f"got {type(model).__name__}")
         self.model = model
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

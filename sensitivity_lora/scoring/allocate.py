@@ -33,7 +33,11 @@ def module_caps(metrics: list[ModuleMetrics], avg_rank: float, settings: Allocat
 
 def check_budget_fits(dims: Mapping[str, tuple[int, int]], avg_rank: float, settings: AllocationSettings) -> None:
     """Raise the rule's own ValueError when the budget cannot fit the modules' shapes ({name: (d_in, d_out)}):
-    the rule run on equal metrics, so a run is refused before its calibration pass, not after."""
+    the rule run on equal metrics, so a run is refused before its calibration pass, not after. An integer
+    ``topk`` is checked against each module's m diagonal entries here too (the scoring would refuse it
+    only after the pass)."""
+    for d_in, d_out in dims.values():
+        settings.k_for((1 if settings.scope == "row" else d_out) * d_in)  # as module_metrics counts m
     allocate({n: ModuleMetrics(1.0, 1.0, 1.0, d_in, d_out, "") for n, (d_in, d_out) in dims.items()},
              avg_rank, settings)
 

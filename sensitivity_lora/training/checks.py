@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Union
 
 Temperature = Union[float, str]  # a positive number, math.inf, or "auto"
@@ -20,6 +20,12 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A seed is an integer (torch.Generator.manual_seed would refuse anything else only at its first use)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
 def check_temperature(temperature: Any, ess_fraction: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_positive_int
+from .checks import check_positive_int, check_seed
 from .resize import check_resizable, prepare_resize
 from .sensitivity import SensitivityProbe, rank_cap, ranks_from_scores
 
@@ -57,11 +57,12 @@ class RankSchedule:
         check_positive_int("window", self.window)
         check_positive_int("max_moves", self.max_moves, allow_none=True)
         check_positive_int("r_min", self.r_min)
-        if isinstance(self.stop, bool) or not isinstance(self.stop, (int, float)) or self.stop <= 0 \
-                or (isinstance(self.stop, float) and self.stop > 1):
+        if isinstance(self.stop, bool) or not isinstance(self.stop, (int, float)) or not self.stop > 0 \
+                or (isinstance(self.stop, float) and self.stop > 1):  # `not > 0` refuses NaN too
             raise ValueError(f"stop must be a step (int ≥ 1) or a fraction of training in (0, 1], got {self.stop!r}")
-        if not (isinstance(self.rho, (int, float)) and self.rho >= 1):
-            raise ValueError(f"rho must be a number ≥ 1, got {self.rho!r}")
+        if isinstance(self.rho, bool) or not (isinstance(self.rho, (int, float)) and self.rho >= 1):
+            raise ValueError(f"rho must be a number ≥ 1 (inf for no cap), got {self.rho!r}")
+        check_seed("seed", self.seed)
 
     def steps(self, total_steps: int | None) -> list[int]:
         """The steps (counts of finished optimiser steps) after which ranks change."""
@@ -99,6 +100,9 @@ class DynamicRanks:
                  total_steps: int | None = None) -> None:
         from peft.tuners.lora import LoraLayer
 
+        if schedule is not None and not isinstance(schedule, RankSchedule):
+            raise ValueError(f"schedule must be a RankSchedule or None, got {type(schedule).__name__}")
+        check_positive_int("total_steps", total_steps, allow_none=True)
         if not hasattr(peft_model, "peft_config") or adapter_name not in peft_model.peft_config:
             raise ValueError(f"expected a PeftModel with a LoRA adapter {adapter_name!r}")
         self.model = peft_model

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from ..settings import check_adapter_name
+from .checks import check_positive_int, check_seed
 from .dynamic_ranks import DynamicRanks, RankSchedule
 from .per_sample import SampleLossFn
 from .quality import MakeBatch, QualityConfig, QualityTerms, score_candidates
@@ -38,6 +40,9 @@ class TsqLoRAConfig:
             raise ValueError(f"quality must be a QualityConfig or None, got {type(self.quality).__name__}")
         if self.ranks is not None and not isinstance(self.ranks, RankSchedule):
             raise ValueError(f"ranks must be a RankSchedule or None, got {type(self.ranks).__name__}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"loss_fn must be a callable (model, output, batch) -> losses or None, got {self.loss_fn!r}")
+        check_adapter_name(self.adapter_name)  # else found only when the Trainer starts
 
 
 class TsqLoRARun:
@@ -52,6 +57,14 @@ class TsqLoRARun:
     def __init__(self, model: nn.Module, config: TsqLoRAConfig, total_steps: int, *,
                  make_batch: MakeBatch | None = None, n_examples: int | None = None,
                  sampler: QualitySampler | None = None, seed: int = 0) -> None:
+        if not isinstance(config, TsqLoRAConfig):
+            raise ValueError(f"config must be a TsqLoRAConfig, got {type(config).__name__}")
+        check_positive_int("total_steps", total_steps)  # int() would take 2.5 as 2 and fail on NaN without a name
+        check_seed("seed", seed)
+        if make_batch is not None and not callable(make_batch):
+            raise ValueError(f"make_batch must be a callable (rows) -> a labelled batch, or None, got {make_batch!r}")
+        if sampler is not None and not isinstance(sampler, QualitySampler):
+            raise ValueError(f"sampler must be a QualitySampler or None, got {type(sampler).__name__}")
         self.model, self.config, self.total_steps = model, config, int(total_steps)
         quality = config.quality
         if quality is not None and sampler is None:

@@ -21,6 +21,7 @@ before the α's weight it, so the α's are comparable whatever the loss scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Real
 from typing import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import check_positive_int, check_positive_number, check_temperature
+from .checks import check_positive_int, check_positive_number, check_seed, check_temperature
 from .per_sample import SampleLossFn, losses_after_steps, per_sample_gradients
 
 MakeBatch = Callable[[Sequence[int]], Mapping[str, torch.Tensor]]
@@ -68,6 +69,8 @@ class QualityConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.alphas, str) or not isinstance(self.alphas, Iterable):
+            raise ValueError(f"alphas must be three non-negative finite numbers (α₁, α₂, α₃), got {self.alphas!r}")
         alphas = tuple(self.alphas)
         if len(alphas) != 3 or not all(isinstance(a, Real) and not isinstance(a, bool) and math.isfinite(a)
                                        and a >= 0 for a in alphas):
@@ -81,6 +84,7 @@ class QualityConfig:
             check_positive_number("step_size", self.step_size)
         if self.delta_loss not in ("exact", "first-order"):
             raise ValueError(f"delta_loss must be 'exact' or 'first-order', got {self.delta_loss!r}")
+        check_seed("seed", self.seed)
 
 
 @dataclass

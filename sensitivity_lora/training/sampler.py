@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .checks import AUTO, Temperature, check_positive_int, check_temperature
+from .checks import AUTO, Temperature, check_positive_int, check_seed, check_temperature
 
 class QualitySampler(Sampler[int]):
     """Indices into a dataset of ``n_examples`` rows, drawn from softmax(Q/τ) over the current pool.
@@ -38,6 +38,7 @@ class QualitySampler(Sampler[int]):
         check_temperature(temperature, ess_fraction)
         check_positive_int("pool_size", pool_size, allow_none=True)
         check_positive_int("num_samples", num_samples, allow_none=True)
+        check_seed("seed", seed)
         self.n_examples = n_examples
         self.temperature = temperature if temperature == AUTO else float(temperature)
         self.ess_fraction = float(ess_fraction)

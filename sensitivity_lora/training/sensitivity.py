@@ -142,7 +142,9 @@ def first_order_sensitivity(model: nn.Module, batches: Iterable[Mapping[str, tor
 
 
 def rank_cap(dims: tuple[int, int], avg_rank: float, rho: float) -> int:
-    """A module's largest rank: min(d_in, d_out, ⌊ρ·r̄⌋)."""
+    """A module's largest rank: min(d_in, d_out, ⌊ρ·r̄⌋) (ρ = inf: no cap but the shape, as the allocation's)."""
+    if math.isinf(rho):
+        return min(dims)
     return min(min(dims), int(rho * avg_rank))
 
 
@@ -163,9 +165,10 @@ def initial_ranks(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
     """TsqLoRA's initial ranks {module: r}: SRA on the first-order sensitivity (``"first-order"``), or the
     package's Hessian allocation (``"hessian"``, labels unused). ``avg_rank``, ``scores`` and whether the
     budget fits the layers' shapes are checked before any forward or backward pass."""
-    from ..settings import check_avg_rank
+    from ..settings import check_avg_rank, check_rho
 
     check_avg_rank(avg_rank)
+    check_rho(rho)  # the allocation's rule: "4" or NaN would otherwise fail inside the cap arithmetic
     if scores not in ("first-order", "hessian"):
         raise ValueError(f"scores must be 'first-order' or 'hessian', got {scores!r}")
     targets = resolve_targets(model, target_modules)

@@ -30,9 +30,9 @@ class TsqLoRACallback(TrainerCallback):
     """TsqLoRA's events in a Trainer run; ``run`` is the run's :class:`~.loop.TsqLoRARun` once training starts."""
 
     def __init__(self, config: TsqLoRAConfig | None = None) -> None:
-        self.config = config or TsqLoRAConfig()
+        self.config = TsqLoRAConfig() if config is None else config  # `or` would take 0 or "" for the default
         if not isinstance(self.config, TsqLoRAConfig):
-            raise ValueError(f"expected a TsqLoRAConfig, got {type(self.config).__name__}")
+            raise ValueError(f"config must be a TsqLoRAConfig (or None), got {type(self.config).__name__}")
         self.sampler: QualitySampler | None = None
         self.make_batch: MakeBatch | None = None
         self.run: TsqLoRARun | None = None
@@ -119,7 +119,7 @@ class TsqLoRAMixin:
 def tsqlora_trainer(trainer_class: type = Trainer) -> type:
     """``trainer_class`` with TsqLoRA: its constructor takes ``tsqlora=TsqLoRAConfig(...)``."""
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
-        raise ValueError(f"expected a transformers.Trainer subclass, got {trainer_class!r}")
+        raise ValueError(f"trainer_class must be a transformers.Trainer subclass, got {trainer_class!r}")
     return type(f"TsqLoRA{trainer_class.__name__}", (TsqLoRAMixin, trainer_class), {})
 
 
