@@ -398,3 +398,26 @@ def recover(folder: str | os.PathLike) -> None:
 def pending_commit(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a started but unfinished commit (a run was killed during its renames)."""
     return (Path(folder) / JOURNAL_FILE).is_file()
+
+
+def write_folder_whole(folder: str | os.PathLike, write: Callable[[Path], None],
+                       replaces: tuple[str, ...] | list[str] = ()) -> Path:
+    """Run ``write(staging_dir)`` (e.g. a ``save_pretrained`` that writes several files) and put what it
+    wrote into ``folder`` as one set (:class:`FileSet`): complete, or the old files untouched. Writing
+    nothing, or a sub-folder, is refused. Holds ``folder``'s lock for the whole write."""
+    with output_lock(folder):
+        files = FileSet(folder, replaces=replaces)
+        try:
+            write(files.staging)
+            written = sorted(files.staging.iterdir())
+            nested = [p.name for p in written if not p.is_file()]
+            if nested or not written:
+                what = f"the sub-folder(s) {', '.join(nested)}" if nested else "no file"
+                raise RuntimeError(f"writing {folder} produced {what}; expected plain files")
+            for path in written:
+                files.path(path.name)
+            files.commit()
+        finally:
+            files.discard()
+    return Path(folder)
+

@@ -24,6 +24,8 @@ from .scoring.result import Allocation
 from .settings import check_avg_rank
 
 RESERVED_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+# what PEFT's save_pretrained writes for one adapter: a new save replaces all of these whole
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
 def check_lora_kwargs(lora_kwargs: Mapping[str, Any]) -> None:

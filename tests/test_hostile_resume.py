@@ -356,3 +356,34 @@ def test_a_resumed_run_removes_the_temporaries_a_killed_write_left(tmp_path, mon
     assert [b.index for b in resumed] == [b.index for b in fresh] and resumed[2].from_checkpoint is False
     for a, b in zip(resumed, fresh):
         assert set(a.stats.groups) == set(b.stats.groups)
+
+
+def test_a_folder_written_by_a_library_call_lands_whole_or_not_at_all(tmp_path):
+    from sensitivity_lora.files import write_folder_whole
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for name, text in {"adapter_config.json": "old", "adapter_model.bin": "old weights", "notes.txt": "mine"}.items():
+        (folder / name).write_text(text)
+    before = folder_bytes(folder)
+
+    def torn(staging):  # one file written, then the writer dies
+        (staging / "adapter_config.json").write_text("new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_whole(folder, torn, ("adapter_config.json", "adapter_model.bin"))
+    assert folder_bytes(folder) == before and not hidden_entries(folder)
+    for bad, match in ((lambda staging: None, "no file"), (lambda staging: (staging / "sub").mkdir(), "sub-folder")):
+        with pytest.raises(RuntimeError, match=match):
+            write_folder_whole(folder, bad, ("adapter_config.json",))
+        assert folder_bytes(folder) == before and not hidden_entries(folder)
+
+    def save(staging):
+        (staging / "adapter_config.json").write_text("new")
+        (staging / "adapter_model.safetensors").write_text("new weights")
+
+    write_folder_whole(folder, save, ("adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"))
+    after = {p.name: p.read_text() for p in folder.iterdir()}
+    # the superseded .bin of the old set is gone; a file that is not the writer's stays
+    assert after == {"adapter_config.json": "new", "adapter_model.safetensors": "new weights", "notes.txt": "mine"}

@@ -26,6 +26,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..files import write_folder_whole
+from ..peft import ADAPTER_FILES
+
 _BASE_REWRITING = ("olora", "lora_ga", "corda")
 
 
@@ -152,15 +155,12 @@ def save_adapter(peft_model: nn.Module, folder: str | Path, initial: str | Path 
     adapter was saved right after initialisation (:func:`save_initial_adapter`): PEFT's conversion writes
     ΔW = s(BA − B₀A₀) as a plain LoRA of rank 2r ([A; A₀], [B, −B₀]), so it applies to W itself.
     """
-    if initial is None:
-        peft_model.save_pretrained(str(folder))
-    else:
-        peft_model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial))
-    return Path(folder)
+    options = {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
+    return write_folder_whole(folder, lambda staging: peft_model.save_pretrained(str(staging), **options),
+                              ADAPTER_FILES)
 
 
 def save_initial_adapter(peft_model: nn.Module, folder: str | Path) -> Path:
     """The adapter as initialised, before any step: what :func:`save_adapter` subtracts for the conversion."""
-    peft_model.save_pretrained(str(folder))
-    return Path(folder)
+    return write_folder_whole(folder, lambda staging: peft_model.save_pretrained(str(staging)), ADAPTER_FILES)
 

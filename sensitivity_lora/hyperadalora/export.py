@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..files import check_path
-from ..peft import check_lora_kwargs, lora_config_from_ranks, lora_layers, pattern_key
+from ..files import check_path, write_folder_whole
+from ..peft import ADAPTER_FILES, check_lora_kwargs, lora_config_from_ranks, lora_layers, pattern_key
 from ..settings import check_adapter_name, check_flag
 from .model import HyperAdaLoraModel
 
@@ -124,6 +124,5 @@ def save_lora_adapter(model: HyperAdaLoraModel, folder: str | Path, **lora_kwarg
     ``PeftModel.from_pretrained(base_model, folder)`` then loads it without this package.
     """
     check_path("folder", folder)
-    folder = Path(folder)
-    to_peft_model(model, inplace=False, **lora_kwargs).save_pretrained(str(folder))
-    return folder
+    peft_model = to_peft_model(model, inplace=False, **lora_kwargs)
+    return write_folder_whole(folder, lambda staging: peft_model.save_pretrained(str(staging)), ADAPTER_FILES)

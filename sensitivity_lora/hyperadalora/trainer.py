@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from ..files import atomic_write
+
 from .export import save_lora_adapter
 from .model import HyperAdaLoraModel
 
@@ -57,6 +59,6 @@ class HyperAdaLoraTrainer(Trainer):
         model: HyperAdaLoraModel = self.model
         tensors = {f"hypernet.{k}": v.detach().contiguous().cpu() for k, v in model.hypernet.state_dict().items()}
         tensors |= {f"mask.{name}": mask.detach().cpu() for name, mask in model.masks().items()}
-        save_file(tensors, os.path.join(output_dir, STATE_FILE))
+        atomic_write(os.path.join(output_dir, STATE_FILE), lambda tmp: save_file(tensors, tmp))  # never a torn file
         if model.allocator.final:
             save_lora_adapter(model, output_dir)
