@@ -9,6 +9,8 @@ step on B along the oracle's Newton direction.
 """
 from __future__ import annotations
 
+import math
+
 import copy
 
 import pytest
@@ -269,10 +271,17 @@ def test_first_gradient_step_on_b_is_the_newton_step():
 def test_bad_settings_are_refused_before_the_pass():
     model = tiny_llama()
     before = snapshot(model)
-    for kwargs in ({"avg_rank": 0}, {"avg_rank": 2.5}, {"avg_rank": 2, "rho": 0.5},
-                   {"avg_rank": 2, "normalise": "columns"}, {"avg_rank": 2, "lora_alpha": -1.0}):
-        with pytest.raises(ValueError):
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    for kwargs, match in (({"avg_rank": 0}, "avg_rank"), ({"avg_rank": 2.5}, "avg_rank"),
+                          ({"avg_rank": 2, "rho": 0.5}, "rho"), ({"avg_rank": 2, "normalise": "columns"}, "normalise"),
+                          ({"avg_rank": 2, "lora_alpha": -1.0}, "lora_alpha"),
+                          ({"avg_rank": 2, "damping": math.inf}, "damping"),
+                          ({"avg_rank": 200, "rho": 1.0}, "avg_rank=200 asks for")):  # caps: at most 64 a module
+        with pytest.raises(ValueError, match=match):
             newton_peft_model(model, random_batches(1), **kwargs)
+    handle.remove()
+    assert not passes  # every refusal came before the gradient pass
     assert_unchanged(before, model)
 
 

@@ -41,6 +41,7 @@ fp32, 0.01–0.14 s for ``torch.svd_lowrank`` (q = 18, 4 power iterations).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -147,8 +148,8 @@ def check_settings(avg_rank: int, rho: float = 2.0, damping: float = 0.01, white
     if normalise not in NORMALISATIONS:
         raise ValueError(f"unknown normalise {normalise!r}; choose from {', '.join(NORMALISATIONS)}")
     check_whole_rank_budget(avg_rank, rho)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-        raise ValueError(f"damping must be positive (a share of the mean diagonal of H), got {damping!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < math.inf:
+        raise ValueError(f"damping must be positive and finite (a share of the mean diagonal of H), got {damping!r}")
 
 
 def _check(gradients: Mapping[str, torch.Tensor], groups: Mapping[str, GroupSums], order: Sequence[str],
