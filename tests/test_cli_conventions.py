@@ -184,3 +184,14 @@ def test_exit_codes_of_a_usage_and_a_runtime_error(tiny_llama_dir, text_file, tm
     captured = capsys.readouterr()
     assert captured.out == ""  # no partial JSON
     assert captured.err.startswith("sensitivity-lora: error: ") and len(captured.err.splitlines()) == 1
+
+
+def test_a_refused_hessians_run_leaves_no_export_folder(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "new" / "export"
+    assert main(hessians_args(tiny_llama_dir, text_file, out, "--targets", "no_such_module")) == cli.EXIT_INPUT
+    assert "no_such_module" in capsys.readouterr().err
+    assert not out.exists()  # refused after the model was loaded: nothing made
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    assert main(hessians_args(tiny_llama_dir, text_file, file / "export")) == cli.EXIT_IO  # refused before loading
+

@@ -49,14 +49,17 @@ def add_parser(subparsers) -> None:
 def cmd_hessians(args: argparse.Namespace) -> int:
     from ..calibration.distributed import compute_device, init_from_env, rank_and_world, single_process_warning
     from ..calibration.validate import check_device
-    from ..files import ensure_output_folder
+    from ..files import check_output_folder, ensure_output_folder
     from ..hessians import export_hessians
     from ..hessians.format import check_export_folder
 
     check_device(args.device), check_device(args.cache_device, "--cache-device")
     check_export_folder(args.out, args.resume, args.overwrite)  # before the model is loaded
-    ensure_output_folder(args.out, "export folder")
     distributed = init_from_env()
+    if distributed:  # every process needs the folder before rank 0 takes its lock
+        ensure_output_folder(args.out, "export folder")
+    else:  # one process: export_hessians makes it under its lock, so a refusal before leaves nothing behind
+        check_output_folder(args.out, "export folder")
     if not distributed and (warning := single_process_warning()):
         logger.warning(warning)
     rank, world = rank_and_world()
