@@ -1,7 +1,7 @@
 """sensitivity-lora: Hessian-sensitivity rank allocation for LoRA (Sensitivity-LoRA, arXiv 2509.09119).
 
-    from sensitivity_lora import get_peft_model, calibration_batches
-    peft_model, allocation = get_peft_model(model, calibration_batches(texts, tokenizer), avg_rank=8)
+    from sensitivity_lora import sensitivity_peft_model, calibration_batches
+    peft_model, allocation = sensitivity_peft_model(model, calibration_batches(texts, tokenizer), avg_rank=8)
 
 Names are imported lazily, so ``import sensitivity_lora`` stays cheap.
 """
@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # the entry points
-    "compute_allocation": "api", "get_peft_model": "api",
+    "compute_allocation": "api", "sensitivity_peft_model": "api",
+    "get_peft_model": "api",  # deprecated: renamed sensitivity_peft_model (it shadowed peft.get_peft_model)
     "SensitivityConfig": "peft_entry", "initialize_lora_sensitivity": "peft_entry",
     "AllocationSettings": "settings",
     "Allocation": "scoring", "kendall_tau": "scoring",
@@ -30,7 +31,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
-    from .api import compute_allocation, get_peft_model
+    from .api import compute_allocation, get_peft_model, sensitivity_peft_model
     from .calibration import calibrate
     from .calibration.distributed import init_from_env
     from .data import calibration_batches

@@ -120,9 +120,9 @@ def compute_allocation(
     return allocation
 
 
-def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,
-                   lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default",
-                   **allocation_kwargs: Any):
+def sensitivity_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora_alpha: float | None = None,
+                           lora_kwargs: Mapping[str, Any] | None = None, adapter_name: str = "default",
+                           **allocation_kwargs: Any):
     """(model, data) → (PEFT model with per-module ranks, the allocation). Ranks are verified; with an
     ``init`` other than ``"none"`` every adapter starts from the allocation's initial A (B = 0).
 
@@ -136,6 +136,16 @@ def get_peft_model(model: nn.Module, batches: Batches, avg_rank: float = 8, lora
     allocation = compute_allocation(model, batches, avg_rank, **allocation_kwargs)
     config = lora_config(allocation, lora_alpha, **dict(lora_kwargs or {}))
     return build_peft_model(model, allocation, config, adapter_name), allocation
+
+
+def get_peft_model(*args: Any, **kwargs: Any):
+    """Deprecated name of :func:`sensitivity_peft_model` (it shadowed ``peft.get_peft_model``, which takes
+    other arguments and returns one value); removed in 0.3."""
+    import warnings
+
+    warnings.warn("sensitivity_lora.get_peft_model is renamed sensitivity_peft_model (the old name shadowed "
+                  "peft.get_peft_model); it will be removed in 0.3", FutureWarning, stacklevel=2)
+    return sensitivity_peft_model(*args, **kwargs)
 
 
 def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora_alpha: float | None = None,

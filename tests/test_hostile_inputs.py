@@ -9,7 +9,7 @@ import torch
 
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
 from model_snapshot import assert_unchanged, snapshot
-from sensitivity_lora import compute_allocation, get_peft_model
+from sensitivity_lora import compute_allocation, sensitivity_peft_model
 from sensitivity_lora.calibration import streaming
 from sensitivity_lora.calibration.one_pass import calibrate
 from sensitivity_lora.errors import (BackendUnavailableError, CalibrationError, DataError, ModelError,
@@ -120,7 +120,7 @@ def test_bad_lora_arguments_are_refused_before_calibration(model, lora_kwargs, l
     counter = Counter(model)
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        get_peft_model(model, random_batches(2), avg_rank=4, lora_alpha=lora_alpha, lora_kwargs=lora_kwargs,
+        sensitivity_peft_model(model, random_batches(2), avg_rank=4, lora_alpha=lora_alpha, lora_kwargs=lora_kwargs,
                        progress=False)
     assert counter.calls == 0
     assert_unchanged(before, model)
@@ -246,7 +246,7 @@ def test_peft_verification_failure_restores_flags_and_layers(model, monkeypatch)
 
     monkeypatch.setattr(peft_integration, "verify_ranks", failing)
     with pytest.raises(RankMismatchError, match="forced mismatch"):
-        get_peft_model(model, random_batches(2), avg_rank=4, progress=False)
+        sensitivity_peft_model(model, random_batches(2), avg_rank=4, progress=False)
     assert_unchanged(before, model)  # no LoRA layer left, every requires_grad flag as it was
 
 
@@ -259,12 +259,12 @@ def test_initial_weight_failure_restores_the_model(model, monkeypatch):
 
     monkeypatch.setattr(peft_integration, "apply_initial_weights", failing)
     with pytest.raises(RankMismatchError, match="do not fit"):
-        get_peft_model(model, random_batches(2), avg_rank=4, init="covariance", progress=False)
+        sensitivity_peft_model(model, random_batches(2), avg_rank=4, init="covariance", progress=False)
     assert_unchanged(before, model)
 
 
-def test_successful_get_peft_model_still_adapts(model):
-    peft_model, allocation = get_peft_model(model, random_batches(2), avg_rank=4, progress=False)
+def test_successful_sensitivity_peft_model_still_adapts(model):
+    peft_model, allocation = sensitivity_peft_model(model, random_batches(2), avg_rank=4, progress=False)
     assert sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == len(allocation.modules)
 
 

@@ -1,4 +1,4 @@
-"""The init setting end to end: compute_allocation / get_peft_model / the CLI with an initialisation
+"""The init setting end to end: compute_allocation / sensitivity_peft_model / the CLI with an initialisation
 from the statistics, against independent fp64 oracles, PEFT's own loader and the streaming path."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_llama
-from sensitivity_lora import AllocationSettings, calibrate, compute_allocation, get_peft_model
+from sensitivity_lora import AllocationSettings, calibrate, compute_allocation, sensitivity_peft_model
 from sensitivity_lora.cli import main
 from sensitivity_lora.peft import apply_initial_weights, lora_config, verify_ranks
 from sensitivity_lora.scoring.result import Allocation, load_initial_weights
@@ -102,12 +102,12 @@ def test_eva_and_output_aware_choose_their_own_ranks_on_the_same_budget():
 
 
 @pytest.mark.parametrize("init", ["covariance", "eva"])
-def test_get_peft_model_starts_from_the_initial_weights_and_leaves_outputs_unchanged(init):
+def test_sensitivity_peft_model_starts_from_the_initial_weights_and_leaves_outputs_unchanged(init):
     model, batches = tiny_llama(), random_batches(3)
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         before = model(input_ids=ids).logits.clone()
-    peft_model, allocation = get_peft_model(model, batches, avg_rank=4, init=init, progress=False)
+    peft_model, allocation = sensitivity_peft_model(model, batches, avg_rank=4, init=init, progress=False)
     applied = 0
     for path, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:

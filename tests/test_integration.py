@@ -24,14 +24,14 @@ def smollm2():
 
 
 def test_smollm2_default_allocation_is_exact_and_peft_obeys(smollm2):
-    from sensitivity_lora import get_peft_model
+    from sensitivity_lora import sensitivity_peft_model
 
     model, tok = smollm2
     texts = data.load_texts(None, max_samples=16)
     batches = data.calibration_batches(texts, tok, seq_len=128, batch_size=8)
     import copy
 
-    peft_model, allocation = get_peft_model(copy.deepcopy(model), batches, avg_rank=8, progress=False)
+    peft_model, allocation = sensitivity_peft_model(copy.deepcopy(model), batches, avg_rank=8, progress=False)
     ranks = allocation.ranks()
     assert len(ranks) == 210  # 30 blocks × 7 linear layers
     assert sum(ranks.values()) == 8 * 210

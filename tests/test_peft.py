@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_bert, tiny_gpt2, tiny_llama
-from sensitivity_lora import compute_allocation, get_peft_model, lora_config, verify_ranks
+from sensitivity_lora import compute_allocation, lora_config, sensitivity_peft_model, verify_ranks
 from sensitivity_lora.errors import RankMismatchError
 
 
@@ -20,7 +20,7 @@ def test_peft_model_gets_exactly_the_allocated_ranks(factory):
     model = factory()
     allocation = _allocation(model, r_min=1, rho=4.0)
     assert len(set(allocation.ranks().values())) > 1, "the test needs non-uniform ranks"
-    peft_model, got = get_peft_model(factory(), random_batches(2), avg_rank=4, progress=False)
+    peft_model, got = sensitivity_peft_model(factory(), random_batches(2), avg_rank=4, progress=False)
     assert got.ranks() == allocation.ranks()
     from peft.tuners.lora import LoraLayer
 
@@ -88,7 +88,7 @@ def test_rslora_keeps_the_scale_equal_and_verify_checks_scales():
 def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(monkeypatch):
     model = tiny_llama()
     with pytest.raises(ValueError, match="lora_alpha"):
-        get_peft_model(model, [], avg_rank=4, lora_kwargs={"lora_alpha": 16})  # [] would fail calibration
+        sensitivity_peft_model(model, [], avg_rank=4, lora_kwargs={"lora_alpha": 16})  # [] would fail calibration
     import sensitivity_lora.peft as pi
 
     def refuse(*args, **kwargs):
@@ -96,7 +96,7 @@ def test_bad_lora_kwargs_fail_before_calibration_and_failures_leave_model_clean(
 
     monkeypatch.setattr(pi, "verify_ranks", refuse)
     with pytest.raises(RankMismatchError):
-        get_peft_model(model, random_batches(1), avg_rank=4, progress=False)
+        sensitivity_peft_model(model, random_batches(1), avg_rank=4, progress=False)
     assert all(type(m).__module__.startswith(("torch", "transformers")) for m in model.modules())
 
 
@@ -120,3 +120,12 @@ def test_lora_config_from_ranks_skips_rank_zero_keeps_the_scale_and_rejects_bad_
         lora_config_from_ranks({names[0]: 1.5}, avg_rank=2)
     with pytest.raises(ValueError, match="nothing to adapt"):
         lora_config_from_ranks({names[0]: 0}, avg_rank=2)
+
+
+def test_the_old_name_warns_and_gives_the_same_adapter():
+    import sensitivity_lora
+
+    with pytest.warns(FutureWarning, match="renamed sensitivity_peft_model"):
+        _, old = sensitivity_lora.get_peft_model(tiny_llama(), random_batches(2), avg_rank=4, progress=False)
+    _, new = sensitivity_peft_model(tiny_llama(), random_batches(2), avg_rank=4, progress=False)
+    assert old.to_dict() == new.to_dict()

@@ -155,7 +155,7 @@ def old_set(workspace: Path) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------- compute_allocation, get_peft_model
+# ---------------------------------------------------------------- compute_allocation, sensitivity_peft_model
 
 
 @FAST
@@ -249,8 +249,8 @@ def test_compute_allocation_refuses_bad_batches_before_the_pass_and_makes_no_che
 
 @FAST
 @given(kind=st.sampled_from(["avg_rank", "lora_alpha", "adapter_name", "lora_kwargs"]), data=st.data())
-def test_get_peft_model_refuses_bad_arguments_before_the_pass(model, batches, kind, data):
-    from sensitivity_lora import get_peft_model
+def test_sensitivity_peft_model_refuses_bad_arguments_before_the_pass(model, batches, kind, data):
+    from sensitivity_lora import sensitivity_peft_model
 
     value = data.draw({"avg_rank": st.one_of(bad_positive_number, infeasible_avg_rank),
                        "lora_alpha": bad_positive_number.filter(lambda v: v is not None),
@@ -262,7 +262,7 @@ def test_get_peft_model_refuses_bad_arguments_before_the_pass(model, batches, ki
     kwargs = {"avg_rank": 4, kind: value} if kind != "avg_rank" else {"avg_rank": value}
     names = ("lora_kwargs", "lora_dropout") if kind == "lora_kwargs" else (kind,)
     before = snapshot(model)
-    refused(lambda: get_peft_model(model, batches, progress=False, **kwargs), *names)
+    refused(lambda: sensitivity_peft_model(model, batches, progress=False, **kwargs), *names)
     assert_unchanged(before, model)
 
 

@@ -7,7 +7,7 @@ A matrices) are chosen:
 
 - ``uniform``: r̄ everywhere (plain LoRA).
 - ``sra``/``pra`` and the ``sra-*`` variants: Sensitivity-LoRA through
-  :func:`sensitivity_lora.api.get_peft_model`, with the allocation settings listed in
+  :func:`sensitivity_lora.api.sensitivity_peft_model`, with the allocation settings listed in
   :data:`METHODS`; ``sl-eva``, ``sra-cov`` (``sra-cov-gain``), ``uniform-cov`` and ``output-aware`` the same
   with an initialisation from the statistics (docs/method.md §7).
 - ``eva``: PEFT's EVA (activation-SVD initialisation, rank redistribution with
@@ -198,7 +198,7 @@ def build_adapted(
 
         peft_model = get_peft_model(model, LoraConfig(r=avg_rank, lora_alpha=alpha, target_modules=targets, **common))
     elif method.kind == "sensitivity":
-        from ..api import get_peft_model as sensitivity_peft_model
+        from ..api import sensitivity_peft_model
 
         peft_model, allocation = sensitivity_peft_model(model, calibration, avg_rank, lora_alpha=alpha,
                                                         lora_kwargs=common, target_modules=targets, progress=False,
