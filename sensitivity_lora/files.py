@@ -421,3 +421,37 @@ def write_folder_whole(folder: str | os.PathLike, write: Callable[[Path], None],
             files.discard()
     return Path(folder)
 
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Wait for, then hold, an exclusive lock on ``path`` (an advisory ``flock`` on the hidden
+    ``.<name>.lock`` beside it, removed when released), for a read-modify-write of one file shared by
+    several processes."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+        yield
+        return
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        handle = open(lock, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:  # the holder before may have removed it (and another re-created it): lock the one in place
+                same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            handle.close()
+            raise
+        if same:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # while still locked: a waiter re-opens the new file
+        handle.close()
+

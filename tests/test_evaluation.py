@@ -121,6 +121,33 @@ def test_result_store_resumes_and_replaces(tmp_path):
     assert [r["x"] for r in json.loads(path.read_text())] == [2]
 
 
+def test_two_stores_on_one_file_lose_no_record(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "r.json"
+    first, second = ResultStore(path), ResultStore(path)  # both opened before either writes (two lanes)
+    first.add({"task": "t", "method": "a", "avg_rank": 4, "seed": 0})
+    second.add({"task": "t", "method": "b", "avg_rank": 4, "seed": 0})
+    assert [r["method"] for r in json.loads(path.read_text())] == ["a", "b"]
+    # and processes appending at the same time
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_add_runs, args=(str(path), f"p{i}", 15)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    methods = [r["method"] for r in json.loads(path.read_text())]
+    assert len(methods) == 2 + 45 and sorted(set(methods)) == ["a", "b", "p0", "p1", "p2"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or temporary left
+
+
+def _add_runs(path: str, method: str, n: int) -> None:
+    store = ResultStore(path)
+    for seed in range(n):
+        store.add({"task": "t", "method": method, "avg_rank": 4, "seed": seed})
+
+
 def test_parse_methods():
     assert len(parse_methods(["all"])) == len(METHODS)
     with pytest.raises(ValueError, match="unknown method"):

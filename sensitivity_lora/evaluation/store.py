@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError
-from ..files import atomic_write_json, json_safe, read_json
+from ..files import atomic_write_json, file_lock, json_safe, read_json
 
 KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split", "n_val")
 # Records written before the learning-rate grid and the validation split carry none of the last three.
@@ -26,9 +26,13 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = read_json(self.path) if self.path.exists() else []
-        if not isinstance(self.records, list):
+        self.records: list[dict[str, Any]] = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        records = read_json(self.path) if self.path.exists() else []
+        if not isinstance(records, list):
             raise FileFormatError(f"{self.path} is not a results file (expected a JSON list of records)")
+        return records
 
     def has(self, task: str, method: str, avg_rank: int, seed: int, lr: float | None = None,
             split: str = "test", n_val: int = 0) -> bool:
@@ -43,10 +47,10 @@ class ResultStore:
                                   "learning rate; write new runs to another --out (the report reads both)")
 
     def add(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (replacing a run with its key) to what the file holds NOW: another process
+        appending to the same file meanwhile (two evaluation lanes) loses nothing."""
         key = run_key(record)
-        self.records = [r for r in self.records if run_key(r) != key] + [json_safe(record)]
-        self.save()
-
-    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.records)
+        with file_lock(self.path):
+            self.records = [r for r in self._read() if run_key(r) != key] + [json_safe(record)]
+            atomic_write_json(self.path, self.records)
