@@ -88,6 +88,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "sra-cov with the LoRA parameter count matched to uniform"),
     Method("uniform-cov", "sensitivity", {"method": "uniform", "init": "covariance"},
            "uniform ranks, A = top input-covariance eigenvectors, B = 0"),
+    Method("uniform-cov-gain", "sensitivity", {"method": "uniform", "init": "covariance", "init_scale": "default-gain"},
+           "uniform-cov with A's rows at the input gain of PEFT's default A"),
     Method("output-aware", "sensitivity", {"init": "output-aware"},
            "ranks and A from the top right singular vectors of W·M (ρ = 2), B = 0"),
     Method("eva", "eva", {"rho": 2.0}, "PEFT EVA (activation SVD, its ρ = 2)"),
