@@ -31,7 +31,7 @@ from .data import check_positive
 from .peft import adapter_layers, base_key, build_peft_model, check_lora_alpha, lora_config_from_ranks
 from .models import is_causal_lm
 from .scoring.allocate import check_budget_fits
-from .settings import AUTO_INIT, AllocationSettings, auto_init, check_adapter_name, check_flag
+from .settings import AUTO_INIT, AllocationSettings, auto_init, auto_init_scale, check_adapter_name, check_flag
 
 _OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data pass: they would override ours
 
@@ -39,8 +39,9 @@ _OWN_INITS = ("eva", "corda")  # PEFT initialisations that need their own data p
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(AllocationSettings):
     """The allocation settings (every field of :class:`AllocationSettings`; here ``init`` defaults to
-    ``"auto"``: ``covariance`` for a causal LM, ``none`` otherwise, as docs/results.md found) and how
-    calibration reads the data.
+    ``"auto"``: ``covariance`` with ``init_scale="default-gain"`` for a causal LM, ``none`` otherwise, as
+    docs/results.md found; "auto" sets both, choose an init to choose its scale) and how calibration reads
+    the data.
 
     seq_len, batch_size, max_samples: how text and tokenised rows are cut and batched (batches
       already made are used as they are); text_field: the text column of a ``datasets.Dataset``.
@@ -80,8 +81,9 @@ class SensitivityConfig(AllocationSettings):
         """The allocation part alone (what ``allocation.json`` records), ``init="auto"`` resolved for a model
         that is (or is not) a causal LM."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(AllocationSettings)}
-        if fields["init"] == AUTO_INIT:
+        if fields["init"] == AUTO_INIT:  # "auto" chooses the init and its row length together
             fields["init"] = auto_init(causal_lm)
+            fields["init_scale"] = auto_init_scale(fields["init"])
         return AllocationSettings(**fields)
 
 

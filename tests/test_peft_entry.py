@@ -125,7 +125,7 @@ def test_two_adapters_are_refused():
         initialize_lora_sensitivity(peft_model, random_batches(), config=QUIET)
 
 
-def test_auto_init_is_covariance_for_a_causal_lm_and_peft_own_otherwise():
+def test_auto_init_is_the_gain_matched_covariance_start_for_a_causal_lm_and_peft_own_otherwise():
     from conftest import tiny_bert
 
     causal = initialize_lora_sensitivity(tiny_llama(), random_batches(), LoraConfig(r=2, target_modules=["q_proj"]),
@@ -134,7 +134,7 @@ def test_auto_init_is_covariance_for_a_causal_lm_and_peft_own_otherwise():
     assert all(m.lora_A["default"].weight.abs().sum() > 0 and not m.lora_B["default"].weight.any()
                for _, m in adapter_layers(causal, "default"))
     reference = compute_allocation(tiny_llama(), random_batches(), 2, target_modules=["q_proj"], init="covariance",
-                                   progress=False)
+                                   init_scale="default-gain", progress=False)
     for path, layer in adapter_layers(causal, "default"):
         torch.testing.assert_close(layer.lora_A["default"].weight,
                                    reference.initial_weights[path.removeprefix("base_model.model.")].float())
@@ -145,6 +145,8 @@ def test_auto_init_is_covariance_for_a_causal_lm_and_peft_own_otherwise():
     assert _ranks(plain) == {n: r for n, r in plain_reference.ranks().items() if r > 0}
     assert QUIET.allocation_settings(causal_lm=False).init == "none"
     assert QUIET.allocation_settings(causal_lm=True).init == "covariance"
+    assert QUIET.allocation_settings(causal_lm=True).init_scale == "default-gain"  # auto sets both
+    assert SensitivityConfig(init="covariance").allocation_settings().init_scale == "unit"  # an explicit init: its own
     pissa = SensitivityConfig(progress=False).allocation_settings(causal_lm=False)
     assert pissa.hessian == "diag"  # nothing forced to full mode where the init is PEFT's own
 

@@ -137,8 +137,10 @@ def _text(run: dict[str, Any]) -> str:
     auto = run["init_option"] == AUTO_INIT
     if run["init"] != "none":
         why = " (--init auto, the default, for a causal LM; --init none keeps PEFT's own)" if auto else ""
-        lines.append(f"initialisation: {run['init']}{why}: A from the calibration's input statistics, B = 0 "
-                     f"({allocation.settings.get('decompositions')} decompositions)")
+        scale = allocation.settings.get("init_scale", "unit")
+        rows = "rows at the input gain of PEFT's default A" if scale == "default-gain" else "unit rows"
+        lines.append(f"initialisation: {run['init']}{why}: A from the calibration's input statistics ({rows}), "
+                     f"B = 0 ({allocation.settings.get('decompositions')} decompositions)")
     elif auto:
         lines.append("initialisation: PEFT's own (--init auto, the default, for a model that is not a causal LM; "
                      "--init covariance starts A from the input statistics)")

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..settings import (AUTO_INIT, BUDGET_MODES, FUSIONS, HESSIAN_MODES, INIT_SCALES, INITS, METHODS, SCOPES,
-                        AllocationSettings, auto_init)
+                        AllocationSettings, auto_init, auto_init_scale)
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "cuda", "triton")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -123,22 +123,27 @@ def add_allocation_settings(p: argparse.ArgumentParser, hessian: str = "diag", a
                    default=AUTO_INIT if auto_init else d.init,
                    help="adapter initialisation from the statistics (docs/method.md §7); any but 'none' "
                         "implies --hessian full and writes initial_weights.safetensors; 'none' keeps PEFT's own"
-                        + ("; auto: covariance for a causal LM, none otherwise (docs/results.md)" if auto_init else ""))
+                        + ("; auto: covariance (rows at default gain) for a causal LM, none otherwise (docs/results.md)"
+                           if auto_init else ""))
     p.add_argument("--init-rho", type=finite_float, default=d.init_rho,
                    help="rank cap ρ of the eva / output-aware rank rules: round(ρ·r̄)")
-    p.add_argument("--init-scale", choices=INIT_SCALES, default=d.init_scale,
+    p.add_argument("--init-scale", choices=INIT_SCALES, default=None,
                    help="length of A's rows: unit (EVA's), or default-gain (the input gain of PEFT's default A, "
-                        "so plain LoRA's learning rate carries over)")
+                        "so plain LoRA's learning rate carries over) (default: default-gain under --init auto, "
+                        "unit otherwise)")
 
 
 def allocation_settings(args: argparse.Namespace, model: Any = None) -> AllocationSettings:
     """The settings the options give; ``--init auto`` is resolved for ``model`` (before it is loaded: as
     ``none``, so that every other setting is checked first)."""
+    init = resolved_init(args.init, model)
+    init_scale = args.init_scale
+    if init_scale is None:  # an explicit --init-scale wins; else auto's choice, or the init's own (unit)
+        init_scale = auto_init_scale(init) if args.init == AUTO_INIT else AllocationSettings.init_scale
     return AllocationSettings(method=args.method, hessian=args.hessian, scope=args.scope, topk=args.topk,
                               energy=args.energy, fusion=args.fusion, r_min=args.r_min, rho=args.rho,
                               r_max=args.r_max, budget_mode=args.budget_mode, tiers=args.tiers,
-                              init=resolved_init(args.init, model), init_rho=args.init_rho,
-                              init_scale=args.init_scale)
+                              init=init, init_rho=args.init_rho, init_scale=init_scale)
 
 
 def resolved_init(init: str, model: Any = None) -> str:
