@@ -27,6 +27,11 @@ import numpy as np
 
 from .errors import FileFormatError, OutputError, OutputInUseError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 LOCK_FILE = ".sensitivity-lora.lock"
 JOURNAL_FILE = ".sensitivity-lora-commit.json"
 STAGING_PREFIX = ".sensitivity-lora-staging-"
@@ -249,36 +254,42 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
                         folder.rmdir()
 
 
-def _acquire(folder: Path, what: str):
-    path = folder / LOCK_FILE
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks here; one run at a time is up to the user
-        return None
+def _lock_in_place(path: Path, blocking: bool):
+    """An open handle holding an exclusive ``flock`` on ``path`` as it is now. The holder before may have
+    removed the file (and another process re-created it): a lock on the removed one would guard nothing,
+    so retry until the locked file is the one in place. Non-blocking: BlockingIOError when held."""
     while True:
+        handle = open(path, "a+")
         try:
-            handle = open(path, "a+")
-        except FileNotFoundError:  # the run that held it failed and removed the folder it had made
-            folder.mkdir(parents=True, exist_ok=True)
-            continue
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise OutputInUseError(f"the {what} {folder} is in use by another sensitivity-lora run ({owner}); "
-                                   "wait for it to end or choose another folder", errno.EBUSY) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            try:
+                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
         except BaseException:
             handle.close()
             raise
-        try:  # the file may have been removed (and re-created) by the run that held it: lock the one in place
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
         if same:
-            break
+            return handle
         handle.close()
+
+
+def _acquire(folder: Path, what: str):
+    path = folder / LOCK_FILE
+    if fcntl is None:  # pragma: no cover - Windows: no advisory locks here; one run at a time is up to the user
+        return None
+    while True:
+        try:
+            handle = _lock_in_place(path, blocking=False)
+            break
+        except FileNotFoundError:  # the run that held it failed and removed the folder it had made
+            folder.mkdir(parents=True, exist_ok=True)
+        except BlockingIOError:
+            owner = "another process"
+            with contextlib.suppress(OSError), open(path) as held:
+                owner = held.read().strip() or owner
+            raise OutputInUseError(f"the {what} {folder} is in use by another sensitivity-lora run ({owner}); "
+                                   "wait for it to end or choose another folder", errno.EBUSY) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}\n")
@@ -427,27 +438,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Wait for, then hold, an exclusive lock on ``path`` (an advisory ``flock`` on the hidden
     ``.<name>.lock`` beside it, removed when released), for a read-modify-write of one file shared by
     several processes."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+    if fcntl is None:  # pragma: no cover - Windows: no advisory locks here
         yield
         return
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
-    while True:
-        handle = open(lock, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:  # the holder before may have removed it (and another re-created it): lock the one in place
-                same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-        except BaseException:
-            handle.close()
-            raise
-        if same:
-            break
-        handle.close()
+    handle = _lock_in_place(lock, blocking=True)
     try:
         yield
     finally:
