@@ -166,6 +166,7 @@ def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora
     """
     from .calibration.gradients import gradient_statistics
     from .init import group_sums_from_statistics, newton_init
+    from .init.budget import check_whole_rank_budget_fits
     from .init.newton import check_settings, predicted_decrease
     from .peft import build_peft_model_from_ranks, check_lora_alpha, check_lora_kwargs
 
@@ -178,7 +179,8 @@ def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora
     check_adapter_name(adapter_name)
     check_settings(avg_rank, rho, damping, normalise=normalise)
     check_model(model)
-    _check_whole_rank_budget_fits(model, target_modules, avg_rank, rho)
+    check_whole_rank_budget_fits([module_dims(model.get_submodule(n)) for n in resolve_targets(model, target_modules)],
+                                 avg_rank, rho)
     start = time.perf_counter()
     passed = gradient_statistics(model, batches, target_modules, labels)
     after_pass = time.perf_counter()
@@ -199,16 +201,3 @@ def newton_peft_model(model: nn.Module, batches: Batches, avg_rank: int, *, lora
         "init": result,
     }
     return peft_model, info
-
-
-def _check_whole_rank_budget_fits(model: nn.Module, target_modules: str | Sequence[str] | None, avg_rank: int,
-                                  rho: float) -> None:
-    """A whole-rank greedy gives each module at most min(round(rho · r̄), d_in, d_out): refuse, from the shapes
-    alone, a budget r̄ · M that those caps cannot hold."""
-    dims = [module_dims(model.get_submodule(n)) for n in resolve_targets(model, target_modules)]
-    cap = round(rho * avg_rank)
-    room = sum(min(cap, d_in, d_out) for d_in, d_out in dims)
-    if room < avg_rank * len(dims):
-        raise ValueError(f"avg_rank={avg_rank} asks for {avg_rank * len(dims)} ranks over {len(dims)} modules, but "
-                         f"their caps min(round(rho · avg_rank), d_in, d_out) hold only {room}: lower avg_rank or raise rho")
-

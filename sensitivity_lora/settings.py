@@ -25,8 +25,6 @@ INITS = ("none", "covariance", "eva", "output-aware")
 # how long A's rows are: unit (EVA's orthonormal rows) or the input gain of PEFT's default A (docs/method.md §7)
 INIT_SCALES = ("unit", "default-gain")
 AUTO_INIT = "auto"  # the command's and SensitivityConfig's default: resolved by auto_init once the model is known
-
-
 AUTO_INIT_SCALE = "default-gain"  # the row length init="auto" gives its covariance start
 
 

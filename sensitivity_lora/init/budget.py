@@ -25,6 +25,17 @@ def check_whole_rank_budget(avg_rank: int, rho: float) -> None:
         raise ValueError(f"rho must be a number >= 1.0 (the cap is round(rho * avg_rank)), got {rho!r}")
 
 
+def check_whole_rank_budget_fits(dims: Sequence[tuple[int, int]], avg_rank: int, rho: float) -> None:
+    """Refuse, from the modules' shapes (d_in, d_out) alone, a budget r̄ · M that the greedy's caps
+    min(round(ρ · r̄), d_in, d_out) cannot hold (so a caller can refuse it before any pass)."""
+    cap = round(rho * avg_rank)
+    room = sum(min(cap, d_in, d_out) for d_in, d_out in dims)
+    if room < avg_rank * len(dims):
+        raise ValueError(f"avg_rank={avg_rank} asks for {avg_rank * len(dims)} ranks over {len(dims)} modules, but "
+                         f"their caps min(round(rho · avg_rank), d_in, d_out) hold only {room}: lower avg_rank or "
+                         "raise rho")
+
+
 def greedy_ranks(scores: Mapping[str, torch.Tensor], budget: int, order: Sequence[str]) -> dict[str, int]:
     """{module: how many of the ``budget`` globally largest scores it holds}, for every module in ``order``."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
