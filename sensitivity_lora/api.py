@@ -17,7 +17,8 @@ from .calibration import CalibrationStatistics, block_statistics, released
 from .calibration.distributed import rank_and_world
 from .calibration.targets import module_dims, resolve_targets
 from .calibration.validate import check_device, check_model
-from .files import check_output_folder, check_path
+from .files import check_path
+from .folders import check_output_folder
 from .scoring import Allocation, ModuleMetrics, allocate, module_metrics
 from .scoring.allocate import check_budget_fits
 from .settings import AllocationSettings, check_adapter_name, check_avg_rank, check_flag, resolve_settings

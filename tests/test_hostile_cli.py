@@ -20,7 +20,7 @@ import torch
 from model_snapshot import folder_bytes, hidden_entries
 from sensitivity_lora import cli
 from sensitivity_lora.cli import main
-from sensitivity_lora.files import LOCK_FILE, output_lock, pending_commit, recover
+from sensitivity_lora.folders import LOCK_FILE, output_lock, pending_commit, recover
 
 pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built")
 
@@ -249,16 +249,16 @@ def _fail_plot(monkeypatch):
 
 
 def _disk_full(monkeypatch):
-    import sensitivity_lora.files as files
+    import sensitivity_lora.folders as folders  # where FileSet looks the writer up
 
-    real = files.atomic_write_text
+    real = folders.atomic_write_text
 
     def write(path, text):
         if str(path).endswith("adapter_config.json"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, text)
 
-    monkeypatch.setattr(files, "atomic_write_text", write)
+    monkeypatch.setattr(folders, "atomic_write_text", write)
 
 
 def _interrupt(monkeypatch):

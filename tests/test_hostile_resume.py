@@ -16,7 +16,7 @@ from sensitivity_lora.calibration import streaming
 from sensitivity_lora.calibration.checkpoint import BlockCheckpoint
 from sensitivity_lora.calibration.streaming import iter_block_statistics
 from sensitivity_lora.errors import CheckpointMismatchError, OutputError, OutputExistsError, OutputInUseError
-from sensitivity_lora.files import JOURNAL_FILE, LOCK_FILE, FileSet, output_lock, pending_commit, recover
+from sensitivity_lora.folders import JOURNAL_FILE, LOCK_FILE, FileSet, output_lock, pending_commit, recover
 
 pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built")
 
@@ -359,7 +359,7 @@ def test_a_resumed_run_removes_the_temporaries_a_killed_write_left(tmp_path, mon
 
 
 def test_a_folder_written_by_a_library_call_lands_whole_or_not_at_all(tmp_path):
-    from sensitivity_lora.files import write_folder_whole
+    from sensitivity_lora.folders import write_folder_whole
 
     folder = tmp_path / "adapter"
     folder.mkdir()

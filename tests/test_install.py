@@ -133,7 +133,8 @@ def _mode(path: Path) -> int:
 
 
 def test_written_files_follow_the_umask(tmp_path, umask):
-    from sensitivity_lora.files import FileSet, atomic_save_safetensors, atomic_write_json, process_umask
+    from sensitivity_lora.files import atomic_save_safetensors, atomic_write_json, process_umask
+    from sensitivity_lora.folders import FileSet
     from sensitivity_lora.init.corda import write_corda_covariance_file
     from sensitivity_lora.init.state import GroupSums
 

@@ -20,7 +20,8 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointMismatchError, FileFormatError
-from ..files import atomic_save_safetensors, atomic_write_json, output_lock, remove_stale_temporaries
+from ..files import atomic_save_safetensors, atomic_write_json, remove_stale_temporaries
+from ..folders import output_lock
 from .fingerprint import differences
 from .serialize import check_group, group_from, group_header, group_tensors, read_safetensors
 from .statistics import CalibrationStatistics

@@ -74,7 +74,7 @@ def _allocate(args: argparse.Namespace) -> dict[str, Any]:
     """
     from ..api import compute_allocation
     from ..errors import MissingPackageError
-    from ..files import FileSet, check_output_folder, output_lock
+    from ..folders import FileSet, check_output_folder, output_lock
     from ..peft import check_lora_alpha, lora_config, lora_config_json
     from ..models import is_causal_lm
     from ..report import plot_ranks

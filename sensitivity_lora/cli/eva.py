@@ -39,7 +39,8 @@ def cmd_eva(args: argparse.Namespace) -> int:
     from ..api import compute_allocation
     from pathlib import Path
 
-    from ..files import atomic_save_safetensors, atomic_write, ensure_output_folder
+    from ..files import atomic_save_safetensors, atomic_write
+    from ..folders import ensure_output_folder
     from ..settings import AllocationSettings
 
     if not args.out.endswith(SUFFIXES):

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 def cmd_hessians(args: argparse.Namespace) -> int:
     from ..calibration.distributed import compute_device, init_from_env, rank_and_world, single_process_warning
     from ..calibration.validate import check_device
-    from ..files import check_output_folder, ensure_output_folder
+    from ..folders import check_output_folder, ensure_output_folder
     from ..hessians import export_hessians
     from ..hessians.format import check_export_folder
 

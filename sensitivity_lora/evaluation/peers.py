@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..files import write_folder_whole
+from ..folders import write_folder_whole
 from ..peft import ADAPTER_FILES
 
 _BASE_REWRITING = ("olora", "lora_ga", "corda")

@@ -288,7 +288,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
 
     The set is written whole or not at all: it replaces the previous report's files (plots that are not
     made again are removed), and a folder with no run records is refused before anything is written."""
-    from ..files import FileSet, output_lock
+    from ..folders import FileSet, output_lock
 
     records = load_records(results)
     stab_path = results / "stability.json"

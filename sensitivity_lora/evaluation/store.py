@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError
-from ..files import atomic_write_json, file_lock, json_safe, read_json
+from ..files import atomic_write_json, json_safe, read_json
+from ..folders import file_lock
 
 KEY_FIELDS = ("task", "method", "avg_rank", "seed", "lr", "split", "n_val")
 # Records written before the learning-rate grid and the validation split carry none of the last three.

@@ -14,7 +14,8 @@ from ..calibration.run import block_statistics
 from ..calibration.targets import resolve_targets
 from ..calibration.validate import check_batches, check_device, check_model
 from ..errors import OutputError
-from ..files import check_path, output_lock
+from ..files import check_path
+from ..folders import output_lock
 from ..settings import check_flag, check_hessian
 from .format import CHECKPOINT_DIR, HessianWriter, check_export_folder
 from .storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, check_storage

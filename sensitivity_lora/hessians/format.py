@@ -32,7 +32,8 @@ import torch
 from ..calibration.serialize import check_group, group_from, group_header, group_tensors, read_safetensors
 from ..calibration.statistics import GroupStatistics, normalisation_factor
 from ..errors import CheckpointMismatchError, FileFormatError, MissingInputError, OutputExistsError
-from ..files import atomic_save_safetensors, atomic_write_json, ensure_output_folder
+from ..files import atomic_save_safetensors, atomic_write_json
+from ..folders import ensure_output_folder
 from .storage import DEFAULT_DTYPE, DEFAULT_LAYOUT, check_storage, pack, unpack
 
 FORMAT = "sensitivity-lora-hessian"

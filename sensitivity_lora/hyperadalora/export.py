@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..files import check_path, write_folder_whole
+from ..files import check_path
+from ..folders import write_folder_whole
 from ..peft import ADAPTER_FILES, check_lora_kwargs, lora_config_from_ranks, lora_layers, pattern_key
 from ..settings import check_adapter_name, check_flag
 from .model import HyperAdaLoraModel
