@@ -1,4 +1,6 @@
-"""Top-k eigen solvers (dense, Lanczos) against a dense fp64 oracle, and the sign convention."""
+"""Top-k eigen solvers (dense, Lanczos) against a dense fp64 oracle, and the sign convention.
+
+The block solver, and its batches of many matrices, have their own file (test_init_block_krylov.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -79,11 +81,11 @@ def test_fix_signs_ties_go_to_the_first_index():
 
 def test_auto_choice_and_fallbacks(monkeypatch):
     assert choose_method(128, 16) == "dense"  # small: dense is already microseconds
-    assert choose_method(576, 16) == "lanczos"
+    assert choose_method(576, 16) == "block"
     assert choose_method(576, 200) == "dense"  # k a large share of d
-    assert choose_method(4096, 32, "cuda") == "dense"
+    assert choose_method(4096, 32, "cuda") == "block"
     matrix, _ = decaying_matrix(300, 1.0, seed=7)
-    assert top_eigenpairs(matrix, 16).method == "lanczos"
+    assert top_eigenpairs(matrix, 16).method == "block"
     assert top_eigenpairs(matrix, 299, "lanczos").method == "dense"  # ARPACK needs k < d - 1
     # an unconverged or wrong Lanczos answer is replaced by the dense one
     monkeypatch.setattr(decompose, "LANCZOS_RESIDUAL_CHECK", -1.0)

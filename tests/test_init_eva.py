@@ -99,13 +99,13 @@ def test_ties_within_a_group_go_to_earlier_members():
 
 def test_one_decomposition_per_input_group(monkeypatch):
     calls = []
-    real = pca.top_eigenpairs
+    real = pca.top_eigenpairs_many
 
-    def counting(matrix, k, method="auto", **kw):
-        calls.append((matrix.shape[0], k))
-        return real(matrix, k, method, **kw)
+    def counting(matrices, ks, method="auto", **kw):
+        calls.extend((m.shape[0], k) for m, k in zip(matrices, ks))
+        return real(matrices, ks, method, **kw)
 
-    monkeypatch.setattr(pca, "top_eigenpairs", counting)
+    monkeypatch.setattr(pca, "top_eigenpairs_many", counting)
     got = eva_init(group_sums(raw_tokens()), 4, 2.0, order=ORDER)
     assert len(calls) == got.decompositions == len(SPEC)  # 4 groups for 7 modules
     assert calls == [(40, 8), (40, 8), (40, 8), (64, 8)]

@@ -107,8 +107,9 @@ def test_one_decomposition_per_input_group_on_a_model(monkeypatch):
     from sensitivity_lora.init import pca
 
     calls = []
-    real = pca.top_eigenpairs
-    monkeypatch.setattr(pca, "top_eigenpairs", lambda m, k, method="auto", **kw: calls.append(k) or real(m, k, method))
+    real = pca.top_eigenpairs_many
+    monkeypatch.setattr(pca, "top_eigenpairs_many",
+                        lambda ms, ks, method="auto", **kw: calls.extend(ks) or real(ms, ks, method))
     stats = sensitivity_lora.calibrate(structured_llama(), token_batches(1, 4), hessian="full", progress=False)
     result = eva_init(group_sums_from_statistics(stats), 4, 2.0, order=list(stats.dims))
     # Llama: q/k/v share an input, gate/up share one, o and down alone: 4 groups for 7 modules per layer

@@ -39,8 +39,9 @@ def test_rows_are_top_centred_covariance_eigenvectors():
 
 def test_one_decomposition_per_group_for_its_largest_rank(monkeypatch):
     calls = []
-    real = pca.top_eigenpairs
-    monkeypatch.setattr(pca, "top_eigenpairs", lambda m, k, method="auto", **kw: calls.append(k) or real(m, k, method))
+    real = pca.top_eigenpairs_many
+    monkeypatch.setattr(pca, "top_eigenpairs_many",
+                        lambda ms, ks, method="auto", **kw: calls.extend(ks) or real(ms, ks, method))
     sums, _ = groups()
     result = covariance_init(sums, {"q": 2, "k": 6, "v": 1, "down": 0})
     assert calls == [6] and result.decompositions == 1  # the all-zero group needs none

@@ -69,7 +69,7 @@ def eva_init(groups: Mapping[str, GroupSums | Sequence], r: int, rho: float = 2.
     for sums in groups.values():  # PEFT: modules with equal inputs get the group's largest cap
         top = max(caps[m] for m in sums.members)
         caps.update(dict.fromkeys(sums.members, top))
-    fits = {name: pca.group_pca(name, sums, caps[sums.members[0]], solver) for name, sums in groups.items()}
+    fits = pca.group_pcas(groups, {name: caps[sums.members[0]] for name, sums in groups.items()}, solver)
     owner = {m: name for name, sums in groups.items() for m in sums.members}
     scores = {m: fits[owner[m]].ratios[: caps[m]] for m in order}
     budget = sum(base.values())

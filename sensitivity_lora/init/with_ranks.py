@@ -33,11 +33,8 @@ def covariance_init(groups: Mapping[str, GroupSums | Sequence], ranks: Mapping[s
     bad = {m: v for m, v in ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
     if bad:
         raise ValueError(f"ranks must be non-negative integers, got {dict(list(bad.items())[:3])}")
-    fits = {}
-    for name, sums in groups.items():
-        k = max(ranks[m] for m in sums.members)
-        if k > 0:
-            fits[name] = pca.group_pca(name, sums, k, solver)
+    wanted = {name: max(ranks[m] for m in sums.members) for name, sums in groups.items()}
+    fits = pca.group_pcas(groups, {name: k for name, k in wanted.items() if k > 0}, solver)
     owner = {m: name for name, sums in groups.items() for m in sums.members}
     components, scores = {}, {}
     for m in order:
