@@ -15,7 +15,7 @@ Solvers:
   fp32 products and fp64 Rayleigh–Ritz, for many matrices of one width at once
   (:func:`top_eigenpairs_many`): batched GEMMs instead of one matrix-vector product at a time,
   so it uses every torch thread and the GPU. Each answer is checked (every residual
-  ‖S v − θ v‖ ≤ 1e-5 · θ₁ and ≤ 0.03 × the gap to the neighbouring eigenvalues) and a
+  ‖S v − θ v‖ ≤ 1e-4 · θ and ≤ 0.03 × the gap to the neighbouring eigenvalues) and a
   matrix that fails after six cycles (nearly repeated eigenvalues among the top k, a zero
   matrix) gets the dense answer instead.
 - ``dense``: ``torch.linalg.eigh`` on the matrix's own device, all pairs, the top k kept.
