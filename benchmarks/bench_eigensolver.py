@@ -42,14 +42,16 @@ GPU_EFFICIENCY = 0.5  # share of those peaks the estimate assumes a (d × d)·(d
 LLAMA3_8B_GROUPS = {4096: 96, 14336: 32}  # input groups per width: q/k/v, o, gate/up per layer; down_proj
 
 
-def statistics(d: int, seed: int) -> torch.Tensor:
-    """S = XᵀX/n in fp32 for X = Z·diag(√λ)·Uᵀ (+ a little isotropic noise), U d × SPREAD orthonormal."""
+def statistics(d: int, seed: int, device: torch.device) -> torch.Tensor:
+    """S = XᵀX/n in fp32 for X = Z·diag(√λ)·Uᵀ (+ a little isotropic noise), U d × min(SPREAD, d) orthonormal."""
     g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(d, SPREAD, generator=g))
-    lam = torch.arange(1, SPREAD + 1, dtype=torch.float32) ** -0.75
+    spread = min(SPREAD, d)
+    u, _ = torch.linalg.qr(torch.randn(d, spread, generator=g))
+    lam = torch.arange(1, spread + 1, dtype=torch.float32) ** -0.75
     lam[:3] = torch.tensor([60.0, 25.0, 12.0])  # outlier directions, as LLM activations have
-    x = (torch.randn(TOKENS, SPREAD, generator=g) * lam.sqrt()) @ u.T
-    x += 1e-2 * torch.randn(TOKENS, d, generator=g)
+    z = torch.randn(TOKENS, spread, generator=g) * lam.sqrt()
+    noise = 1e-2 * torch.randn(TOKENS, d, generator=g)
+    x = z.to(device) @ u.to(device).T + noise.to(device)
     return (x.T @ x) / TOKENS
 
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, dense_per_cube = [], None
     for d in args.sizes:
         print(f"d = {d}: statistics ...", flush=True)
-        matrix = statistics(d, seed=d).to(device)
+        matrix = statistics(d, seed=d, device=device)
         dense = None
         if d <= 4096 or args.dense_all:
             dense_s, dense = timed(lambda: synced(device, lambda: decompose.top_eigenpairs(matrix, max(args.ks), "dense")))

@@ -16,8 +16,10 @@ Measured in the same process, on the same batches, 3 rounds after a warm-up roun
 - the floor of full-mode calibration: that forward plus that SYRK;
 - ``calibrate(hessian=...)`` in diag and full mode with every available backend;
 - the eigendecomposition cost an initialiser adds: ``sensitivity_lora.init.eva_init`` (r = 8,
-  ρ = 2: the top 16 components of each group's centred covariance, solver ``auto``) on the
-  full-mode statistics of the same batches.
+  ρ = 2: the top 16 components of each group's centred covariance) on the full-mode statistics
+  of the same batches, with the default solver (``auto``: the batched block Krylov solver) and
+  with ARPACK's Lanczos (``lanczos``, the default before it), each also as a share of full-mode
+  calibration with the cpu ops (the column "÷ calibrate full").
 
 The table goes to ``benchmarks/results/end_to_end-threads<T>.json`` (T = torch's thread count;
 ``SL_BENCH_SMALL=1``: ``end_to_end-small-threads<T>.json``, 4 texts × 32 tokens, 1 round), from
@@ -165,25 +167,26 @@ def test_calibrate(benchmark, setup, mode, backend):
                                                            progress=False))
 
 
+@pytest.mark.parametrize("solver", ["auto", "lanczos"])
 @pytest.mark.benchmark(group="e2e-smollm2")
-def test_eigendecomposition(benchmark, full_statistics):
+def test_eigendecomposition(benchmark, full_statistics, solver):
     from sensitivity_lora.init import eva_init, group_sums_from_statistics
 
     groups = group_sums_from_statistics(full_statistics)
     results = []
 
     def decompose():
-        results.append(eva_init(groups, INIT_R, INIT_RHO))
+        results.append(eva_init(groups, INIT_R, INIT_RHO, solver=solver))
         used = list(results[-1].solvers.values())
-        INFO["solvers"] = ", ".join(f"{s} for {used.count(s)}" for s in sorted(set(used)))
+        INFO[f"solvers-{solver}"] = ", ".join(f"{s} for {used.count(s)}" for s in sorted(set(used)))
 
-    _run(benchmark, "eig", decompose)
+    _run(benchmark, "eig" if solver == "auto" else f"eig-{solver}", decompose)
     assert results[-1].decompositions == len(groups)  # one per input group, shared by its members
 
 
 COLUMNS = [column("what", "what"), column("median_s", "median s", "s3"), column("min_s", "min s", "s3"),
            column("vs_plain", "÷ plain forward", "ratio3"), column("vs_forward", "÷ calibration forward", "ratio3"),
-           column("vs_floor", "÷ floor", "ratio3")]
+           column("vs_floor", "÷ floor", "ratio3"), column("vs_calibration", "÷ calibrate full", "ratio3")]
 
 
 def report_rows() -> list[dict]:
@@ -194,7 +197,9 @@ def report_rows() -> list[dict]:
         "syrk": f"library SYRK alone (OpenBLAS `ssyrk`, {groups} input groups)",
         "floor": "floor: calibration forward + library SYRK",
         **{f"{m}-{b}": f"calibrate {m}, {b} ops" for m in ("diag", "full") for b in BACKENDS},
-        "eig": f"eigendecomposition of {groups} input groups (`eva_init`, r = {INIT_R}, ρ = {INIT_RHO:g})",
+        "eig": f"eigendecomposition of {groups} input groups (`eva_init`, r = {INIT_R}, ρ = {INIT_RHO:g}; default "
+               f"solver: {INFO.get('solvers-auto')})",
+        "eig-lanczos": f"the same with ARPACK Lanczos (`solver=\"lanczos\"`: {INFO.get('solvers-lanczos')})",
     }
     medians, mins = dict(MEDIANS), dict(MINS)
     if "forward" in medians and "syrk" in medians:
@@ -208,7 +213,8 @@ def report_rows() -> list[dict]:
         rows.append({"key": key, "what": label, "median_s": round(medians[key], 4), "min_s": round(mins[key], 4),
                      "vs_plain": ratio(medians[key], medians.get("plain")),
                      "vs_forward": ratio(medians[key], medians.get("forward")),
-                     "vs_floor": ratio(medians[key], medians.get("floor")) if full else None})
+                     "vs_floor": ratio(medians[key], medians.get("floor")) if full else None,
+                     "vs_calibration": ratio(medians[key], medians.get("full-cpu")) if key.startswith("eig") else None})
     return rows
 
 
@@ -221,8 +227,7 @@ def save(complete: bool):
     setup_text = (f"SmolLM2-135M (fp32, {INFO.get('modules')} target modules in {INFO.get('groups')} input groups), "
                   f"{n(len(tokens), 'batch')} of {N_TEXTS} BBC articles × {SEQ_LEN} tokens ({sum(tokens):,} tokens), "
                   f"{n(ROUNDS, 'round')} after a warm-up round; the SYRK at {INFO.get('syrk_threads')} OpenBLAS "
-                  f"thread{'' if INFO.get('syrk_threads') == 1 else 's'}, {INFO.get('syrk_flops', 0) / 1e9:.0f} GFLOP; "
-                  f"eigen solver: {INFO.get('solvers')} groups.")
+                  f"thread{'' if INFO.get('syrk_threads') == 1 else 's'}, {INFO.get('syrk_flops', 0) / 1e9:.0f} GFLOP.")
     run = new_run(MONITOR.stop(), notes=setup_text)
     run["complete"] = complete
     threads = torch.get_num_threads()
@@ -239,9 +244,10 @@ def test_zz_report():
     if "plain" not in MEDIANS:
         pytest.skip("benchmarks disabled (run with --benchmark-enable)")
     rows = report_rows()
-    print("\n| what | median s | min s | ÷ plain | ÷ forward | ÷ floor |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| what | median s | min s | ÷ plain | ÷ forward | ÷ floor | ÷ calibrate full |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         cells = [f"{r[k]:.3f}" if r[k] is not None else "–" for k in ("median_s", "min_s", "vs_plain", "vs_forward",
-                                                                        "vs_floor")]
+                                                                        "vs_floor", "vs_calibration")]
         print(f"| {r['what']} | " + " | ".join(cells) + " |")
     save(complete=True)

@@ -14,6 +14,7 @@ stage's reserve free):
     tests_e2e     bench_gpu.py --stage agree               (two 8B-width blocks: backends vs reference)
     bench_e2e     bench_gpu.py --stage e2e                 (8B shape, 128 × 2048 tokens, bf16, diag+full)
     bench_ops     bench_gpu.py --stage ops                 (XᵀX d = 4096, 14336; Cholesky d = 4096)
+    bench_eig     bench_eigensolver.py --device cuda       (top-k eigenpairs, d = 4096, 14336: block vs eigh)
 
 Writes OUTDIR/gpu_check.json (schema ``sensitivity_lora.gpu_check``, version 1; rewritten after
 every stage), OUTDIR/gpu_check.md (tables for benchmarks/RESULTS.md), OUTDIR/logs/<stage>.log and
@@ -65,6 +66,8 @@ PLAN = [
     StagePlan("tests_e2e", 90, 30, "bench_gpu.py --stage agree (GPU backends vs reference, 2 blocks of 8B widths)", 45),
     StagePlan("bench_e2e", 200, 90, "bench_gpu.py --stage e2e (8B shape, 128 x 2048 tokens, bf16, diag + full)", 45),
     StagePlan("bench_ops", 60, 25, "bench_gpu.py --stage ops (XtX d=4096/14336 vs addmm_, Cholesky d=4096)", 30),
+    StagePlan("bench_eig", 60, 20, "bench_eigensolver.py --device cuda (top-k eigenpairs, d=4096/14336, block vs eigh)",
+              60),
 ]
 PER_TEST_LIMIT_S = 60.0
 # SL_GPU_CHECK_SIMULATE=1 (testing the check itself on a CPU machine): the GPU run's commands run
@@ -714,13 +717,16 @@ print("GPU_CHECK_ENV " + json.dumps(info))
         self._test_stage(st, limit, [("gpu", ["tests/test_triton.py"], ["-m", "gpu"], None, self.dry)])
     def _bench(self, st: dict, limit: float, stage: str, extra: list[str]) -> None:
         out = self.out / f"bench_{stage}.json"
-        out.unlink(missing_ok=True)
         if self.dry:
             args = ["--device", "cpu", "--tiny", "--backends", "reference", "cpu"]
         else:
             args = ["--device", "cuda", "--backends", "cuda", "triton"]
-        cmd = [self.py, "benchmarks/bench_gpu.py", "--stage", stage, *args, *extra, "--json", str(out)]
-        rc, secs, cut = self.run_cmd(st, cmd, limit)
+        self._json_stage(st, limit, [self.py, "benchmarks/bench_gpu.py", "--stage", stage, *args, *extra], out)
+
+    def _json_stage(self, st: dict, limit: float, cmd: list[str], out: Path) -> None:
+        """Run ``cmd --json out``; the stage's result is that JSON, its status from the exit code and the cut."""
+        out.unlink(missing_ok=True)
+        rc, secs, cut = self.run_cmd(st, [*cmd, "--json", str(out)], limit)
         try:
             st["result"] = json.loads(out.read_text())
         except (OSError, ValueError):
@@ -748,6 +754,10 @@ print("GPU_CHECK_ENV " + json.dumps(info))
 
     def stage_bench_ops(self, st: dict, limit: float) -> None:
         self._bench(st, limit, "ops", ["--time-budget", f"{max(limit - 15, 5):.0f}"])
+
+    def stage_bench_eig(self, st: dict, limit: float) -> None:
+        args = ["--device", "cpu", "--sizes", "512", "--ks", "16"] if self.dry else ["--device", "cuda"]
+        self._json_stage(st, limit, [self.py, "benchmarks/bench_eigensolver.py", *args], self.out / "bench_eig.json")
 
 
 # --- markdown -----------------------------------------------------------------------------------
@@ -824,6 +834,17 @@ def markdown(data: dict) -> str:
         for r in ops_r.get("cholesky", []):
             ms = _f(r.get("ms"), ".3f") if r.get("status") == "ok" else f"{r.get('status')}: {(r.get('error') or '')[:80]}"
             lines.append(f"| Cholesky fp64 | {r['d']} | {r['variant']} | {ms} | {_f(r.get('ratio_to_torch'))} |")
+
+    eig = stages.get("bench_eig", {}).get("result") or {}
+    if eig.get("rows"):
+        lines += ["", f"Top-k eigenpairs on {eig.get('device')} (`bench_eigensolver.py`):", "",
+                  "| d | k | block s | cycles | dense eigh s | dense ÷ block | max rel. eigenvalue diff | min signed cos "
+                  "| H100 estimate ms |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in eig["rows"]:
+            lines.append(f"| {r['d']} | {r['k']} | {_f(r.get('block_s'), '.4f')} | {r.get('cycles')} | "
+                         f"{_f(r.get('dense_s'), '.3f')}{' (est.)' if r.get('dense') != 'measured' else ''} | "
+                         f"{_f(r.get('dense_over_block'))} | {_f(r.get('max_rel_value_diff'), '.1e')} | "
+                         f"{_f(r.get('min_signed_cos'), '.6f')} | {_f(r.get('h100_estimate_ms'), '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

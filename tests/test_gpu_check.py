@@ -21,7 +21,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 # The GPU check builds the package from the checkout on the GPU machine: a tool of the source tree.
 pytestmark = pytest.mark.skipif(not (ROOT / "setup.py").exists(),
                                 reason="the GPU check builds from a checkout; this tree has no setup.py")
-STAGES = ["env", "build", "tests_ops", "tests_triton", "tests_e2e", "bench_e2e", "bench_ops"]
+STAGES = ["env", "build", "tests_ops", "tests_triton", "tests_e2e", "bench_e2e", "bench_ops", "bench_eig"]
 STATUSES = {"ok", "failed", "timeout", "skipped"}
 DRY_RUN_LIMIT_S = 400  # generous: CI's machine is shared; the run itself takes ~35 s of CPU here
 
@@ -119,10 +119,13 @@ def test_dry_run_json_schema(dry_run):
     variants = {r["variant"] for r in ops["xtx"] if r["status"] == "ok"}
     assert {"reference", "cpu", "addmm_bf16", "addmm_fp32"} <= variants
     assert {r["variant"] for r in ops["cholesky"] if r["status"] == "ok"} >= {"torch.linalg.cholesky", "reference"}
+    eig = stages["bench_eig"]["result"]
+    assert [(r["d"], r["k"], r["block_method"], r["reference"]) for r in eig["rows"]] == [(512, 16, "block", "dense")]
+    assert float(eig["rows"][0]["min_signed_cos"]) >= 0.999 and eig["rows"][0]["h100_estimate_ms"] > 0
     # the markdown for benchmarks/RESULTS.md
     md = (out / "gpu_check.md").read_text()
     for heading in ("| stage | status |", "| mode | backend | time s |", "| op | d | tokens | variant |",
-                    "| tests | passed |"):
+                    "| tests | passed |", "| d | k | block s |"):
         assert heading in md
 
 
