@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                    "h100_estimate_ms": gpu_s * 1e3}
             rows.append(row)
             print("  ", row, flush=True)
-        del matrix, dense
+        matrix = dense = None  # free before the next size is built
     totals = {}
     for k in args.ks:
         per = {r["d"]: r for r in rows if r["k"] == k}

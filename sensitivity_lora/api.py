@@ -112,10 +112,14 @@ def compute_allocation(
         from .initialisation import PartwiseInit
 
         init = PartwiseInit(model, avg_rank, settings)  # fits each part's groups before they are released
-    allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend,
-                                            on_part=init.fit if init else None)
-    if init is not None:
-        allocation = init.finish(allocation)
+    try:
+        allocation = allocation_from_statistics(released(blocks), avg_rank, settings, backend=backend,
+                                                on_part=init.fit if init else None)
+        if init is not None:
+            allocation = init.finish(allocation)
+    finally:
+        if init is not None:
+            init.close()
     if distributed:
         allocation.settings["world_size"] = rank_and_world()[1]
     return allocation

@@ -8,10 +8,17 @@ rank cap and their scores, so memory stays that of one block; the ranks are chos
 over all modules (``covariance``: the allocation's ranks; ``eva`` and ``output-aware``: their own
 global greedy under the same budget r̄ · M, replacing the allocation's ranks — its metrics and θ
 stay, for reference), and every module takes the prefix of its directions. B = 0.
+
+Overlap: when the statistics live on a GPU, each part is decomposed in a worker thread on its own
+CUDA stream while the caller calibrates the next block, so the eigendecomposition hides behind
+the forward pass; one part at most waits in flight (memory: two blocks' statistics). On the CPU
+the same cores would do both, so parts are decomposed in turn. Either way the numbers are the
+same: each part runs the same operations on the same data.
 """
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -29,7 +36,10 @@ from .settings import AllocationSettings
 class PartwiseInit:
     """Fits each calibration part as it comes (:meth:`fit`), then chooses the ranks (:meth:`finish`)."""
 
-    def __init__(self, model: nn.Module, avg_rank: float, settings: AllocationSettings) -> None:
+    def __init__(self, model: nn.Module, avg_rank: float, settings: AllocationSettings, *,
+                 overlap: bool | None = None) -> None:
+        """``overlap``: decompose parts in a worker thread while the next is calibrated (default: when the
+        statistics are on a GPU)."""
         if settings.init == "none":
             raise ValueError("PartwiseInit needs settings.init other than 'none'")
         own_ranks = settings.init != "covariance"  # eva / output-aware choose ranks by their own whole-rank rule
@@ -43,10 +53,57 @@ class PartwiseInit:
         self.rows: dict[str, torch.Tensor] = {}
         self.decompositions = 0
         self.solvers: dict[str, str] = {}
+        self.overlap = overlap
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._side_stream = None
 
     def fit(self, part: CalibrationStatistics) -> None:
-        """Every module of ``part``: its directions up to its cap (rows, fp64) and their scores."""
+        """Every module of ``part``: its directions up to its cap (rows, fp64) and their scores; in a worker
+        thread when overlapping (then an error surfaces at the next :meth:`fit` or at :meth:`finish`)."""
         groups = group_sums_from_statistics(part)
+        device = next(iter(groups.values())).xtx.device if groups else torch.device("cpu")
+        overlap = self.overlap if self.overlap is not None else device.type == "cuda"
+        if not overlap:
+            self._fit(part, groups)
+            return
+        self._wait()  # one part in flight at most
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensitivity-lora-init")
+        ready = None
+        if device.type == "cuda":  # the side stream starts once the statistics are written on this one
+            self._side_stream = self._side_stream or torch.cuda.Stream(device)
+            ready = torch.cuda.current_stream(device).record_event()
+        self._pending = self._worker.submit(self._fit_aside, part, groups, ready)
+
+    def close(self) -> None:
+        """Wait for the part in flight (its error, if any, is dropped) and stop the worker thread."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - closing after another error: that one is the one to report
+            pass
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+            if self._side_stream is not None:  # what the worker wrote is read on the caller's stream
+                torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+
+    def _fit_aside(self, part: CalibrationStatistics, groups: dict, ready) -> None:
+        if ready is None:
+            self._fit(part, groups)
+            return
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(ready)
+            self._fit(part, groups)
+        self._side_stream.synchronize()  # the part's memory is reused once released: only after its last kernel
+
+    def _fit(self, part: CalibrationStatistics, groups: dict) -> None:
         order = list(part.dims)
         init = self.settings.init
         if init == "covariance":  # up to the allocation's cap; the allocation picks the ranks later
@@ -68,6 +125,8 @@ class PartwiseInit:
 
     def finish(self, allocation: Allocation) -> Allocation:
         """``allocation`` with the init's ranks (for eva / output-aware) and its initial A attached."""
+        self._wait()
+        self.close()
         order = list(allocation.modules)
         missing = [m for m in order if m not in self.rows]
         if missing:

@@ -72,6 +72,64 @@ def test_streaming_gives_the_same_initialisation_as_one_pass(init):
     assert one.total_rank() == 4 * len(one.modules)  # the budget holds for every rank rule
 
 
+@pytest.mark.parametrize("init", ["covariance", "eva"])
+def test_overlapped_fitting_gives_the_same_bytes_with_one_part_in_flight(init, monkeypatch):
+    """The worker-thread path (a GPU's default; forced here on the CPU) changes when parts are decomposed,
+    not what comes out; it never holds more than one part, and its thread is gone afterwards."""
+    import threading
+
+    from sensitivity_lora import initialisation
+    from sensitivity_lora.calibration.streaming import iter_block_statistics, released
+
+    model, batches = tiny_llama(), random_batches(3)
+    settings = AllocationSettings(init=init)
+    in_flight, most = [0], [0]
+    real = initialisation.PartwiseInit._fit
+
+    def counting(self, part, groups):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            return real(self, part, groups)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(initialisation.PartwiseInit, "_fit", counting)
+    answers = []
+    for overlap in (False, True):
+        fitter = initialisation.PartwiseInit(model, 4, settings, overlap=overlap)
+        allocation = compute_allocation(model, batches, avg_rank=4, settings=settings, streaming=True, progress=False)
+        for part in released(iter_block_statistics(model, batches, None, settings.hessian, None, streaming=True)):
+            fitter.fit(part)
+        answers.append(fitter.finish(allocation))
+        assert fitter._worker is None
+    assert most[0] == 1
+    assert answers[0].ranks() == answers[1].ranks()
+    assert all(torch.equal(answers[0].initial_weights[n], answers[1].initial_weights[n]) for n in answers[0].modules)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sensitivity-lora-init")]
+
+
+def test_an_error_in_the_overlapped_fit_surfaces_and_the_worker_stops(monkeypatch):
+    import threading
+
+    from sensitivity_lora import initialisation
+    from sensitivity_lora.calibration.streaming import iter_block_statistics, released
+
+    def broken(self, part, groups):
+        raise ValueError("no variance in this part")
+
+    model, batches = tiny_llama(), random_batches(2)
+    monkeypatch.setattr(initialisation.PartwiseInit, "_fit", broken)
+    fitter = initialisation.PartwiseInit(model, 4, AllocationSettings(init="covariance"), overlap=True)
+    with pytest.raises(ValueError, match="no variance"):
+        for part in released(iter_block_statistics(model, batches, None, "full", None, streaming=True)):
+            fitter.fit(part)
+        fitter.finish(None)
+    fitter.close()
+    assert fitter._worker is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("sensitivity-lora-init")]
+
+
 def test_partwise_fitting_equals_the_initialisers_on_the_whole_model():
     """Fitting each part up to its cap and choosing the ranks at the end is the initialisers' own answer."""
     from sensitivity_lora.init import eva_init, group_sums_from_statistics, output_aware_init
