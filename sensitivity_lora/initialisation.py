@@ -152,7 +152,9 @@ def with_init(allocation: Allocation, result: InitResult, settings: AllocationSe
                                              at_bound=_bound(result.ranks[name], min(cap, m.d_in, m.d_out)))
                    for name, m in modules.items()}
         method, budget = settings.init, int(result.budget)
-    recorded = {**allocation.settings, "decompositions": int(result.decompositions)}
+    used = list(result.solvers.values())
+    recorded = {**allocation.settings, "decompositions": int(result.decompositions),
+                "eigen_solvers": {s: used.count(s) for s in sorted(set(used))}}  # which solver took how many groups
     weights = {name: a.to(torch.float32).contiguous() for name, a in result.components.items()}
     return dataclasses.replace(allocation, method=method, budget=budget, modules=modules, settings=recorded,
                                initial_weights=weights)

@@ -140,7 +140,7 @@ def _text(run: dict[str, Any]) -> str:
         scale = allocation.settings.get("init_scale", "unit")
         rows = "rows at the input gain of PEFT's default A" if scale == "default-gain" else "unit rows"
         lines.append(f"initialisation: {run['init']}{why}: A from the calibration's input statistics ({rows}), "
-                     f"B = 0 ({allocation.settings.get('decompositions')} decompositions)")
+                     f"B = 0 ({allocation.settings.get('decompositions')} decompositions{_solvers(allocation.settings)})")
     elif auto:
         lines.append("initialisation: PEFT's own (--init auto, the default, for a model that is not a causal LM; "
                      "--init covariance starts A from the input statistics)")
@@ -198,3 +198,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{len(common)} common modules; {same} with the same rank")
     print(f"kendall_tau={tau:.4f}")
     return 0
+
+
+def _solvers(settings: dict) -> str:
+    """ ": block for 120, on 2 torch threads": the eigen solvers the initialisation used and the threads they had
+    (block and dense run in torch's intra-op threads; ARPACK, only when asked for by name, in the BLAS's)."""
+    used = settings.get("eigen_solvers") or {}
+    if not used:
+        return ""
+    import torch
+
+    return ": " + ", ".join(f"{s} for {n}" for s, n in used.items()) + f", on {torch.get_num_threads()} torch threads"
