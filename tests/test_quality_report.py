@@ -91,3 +91,27 @@ def test_a_results_file_without_learning_rates_is_not_resumed_into(tmp_path):
     store.check_resumable()
     assert store.has("causal_lm", "uniform", 4, 0, 1e-3, "test", 32)
     assert not store.has("causal_lm", "uniform", 4, 0, 1e-3, "test", 0)  # another training pool
+
+
+def test_rates_from_another_folder_choose_the_rows(tmp_path):
+    """A second model's test runs at the rates tuned on the first model's validation split (``--rates-from``)."""
+    tuning, other = tmp_path / "smollm2", tmp_path / "gemma"
+    tuning.mkdir(), other.mkdir()
+    (tuning / "grid.json").write_text(json.dumps([r for r in RECORDS if r["split"] == "validation"]))
+    (other / "runs.json").write_text(json.dumps([
+        _rec("uniform", 1e-3, 0, 30.0, "validation"), _rec("uniform", 3e-3, 0, 35.0, "validation"),  # its own grid
+        _rec("uniform", 3e-3, 0, 19.0, "test"), _rec("uniform", 1e-3, 0, 18.0, "test"),
+        _rec("sra-cov", 1e-3, 0, 18.5, "test"), _rec("sra-cov", 3e-3, 0, 99.0, "test")]))
+    write_report(other, tmp_path / "own")
+    own = (tmp_path / "own" / "tables.md").read_text()
+    assert "| uniform | 0.001 | 1 | 18.00" in own and "sra-cov" not in own.split("test split")[1]  # no grid: 2 rates
+    write_report(other, tmp_path / "out", rates_from=tuning)
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert f"rates tuned on the validation split of {tuning}" in text
+    assert "| uniform | 0.003 | 1 | 19.00" in text and "| sra-cov | 0.001 | 1 | 18.50" in text
+    tests_only = tmp_path / "tests_only"
+    tests_only.mkdir()
+    (tests_only / "runs.json").write_text(json.dumps([r for r in RECORDS if r["split"] == "test"]))
+    with pytest.raises(ValueError, match="no validation-split runs"):
+        write_report(other, tmp_path / "bad", rates_from=tests_only)
+    assert not (tmp_path / "bad").exists()

@@ -92,6 +92,9 @@ def add_parser(subparsers) -> None:
     r = sub.add_parser("report", help="tables (mean ± std over seeds) and plots from results files")
     r.add_argument("--results", default="docs/results", help="folder with the results JSON files")
     r.add_argument("--out", default="docs/results", help="folder for tables.md and the plots")
+    r.add_argument("--rates-from", default=None, metavar="FOLDER",
+                   help="take each method's learning rate from this folder's validation grid (e.g. SmolLM2's, "
+                        "reused for another model) instead of --results' own")
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("methods", help="list the compared methods")
@@ -309,7 +312,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..evaluation.report import write_report
 
-    written = write_report(Path(args.results), Path(args.out))
+    written = write_report(Path(args.results), Path(args.out),
+                           Path(args.rates_from) if args.rates_from is not None else None)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return 0
 

@@ -265,9 +265,11 @@ def _convergence(records: list[dict[str, Any]], files, plots: list[str]) -> list
     return parts
 
 
-def _tuned(records: list[dict[str, Any]], tasks: set[str]) -> list[str]:
-    """The learning-rate grid (validation split) and the test comparison at each method's tuned rate."""
-    from .quality import lr_grid_table, tuned_table
+def _tuned(records: list[dict[str, Any]], tasks: set[str], rate_records: list[dict[str, Any]] | None = None,
+           rates_from: Path | None = None) -> list[str]:
+    """The learning-rate grid (validation split) and the test comparison at each method's tuned rate: tuned on
+    this folder's grid, or on ``rate_records``' (another setting's, read from ``rates_from``) when given."""
+    from .quality import lr_grid_table, tuned_lrs, tuned_table
 
     parts = []
     for task in sorted(tasks):
@@ -276,21 +278,31 @@ def _tuned(records: list[dict[str, Any]], tasks: set[str]) -> list[str]:
             grid = lr_grid_table(records, task, avg_rank)
             if grid:
                 parts.append(f"### {task}, average rank {avg_rank}: learning-rate grid (validation split)\n\n{grid}\n")
-            table = tuned_table(records, task, avg_rank)
+            lrs = tuned_lrs(rate_records, task, avg_rank) if rate_records is not None else None
+            table = tuned_table(records, task, avg_rank, lrs)
             if table:
-                parts.append(f"### {task}, average rank {avg_rank}: each method at its tuned rate (test split)\n\n"
-                             f"{table}\n")
+                where = f", rates tuned on the validation split of {rates_from}" if rates_from is not None else ""
+                parts.append(f"### {task}, average rank {avg_rank}: each method at its tuned rate (test split{where})"
+                             f"\n\n{table}\n")
     return parts
 
 
-def write_report(results: Path, out: Path) -> list[Path]:
-    """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``.
+def write_report(results: Path, out: Path, rates_from: Path | None = None) -> list[Path]:
+    """tables.md (+ summary.json) and PNG plots in ``out`` from the results JSON files in ``results``;
+    ``rates_from``: a results folder whose validation grid chooses each method's rate (e.g. SmolLM2's, reused
+    for another model; a method it did not tune keeps its only tested rate).
 
     The set is written whole or not at all: it replaces the previous report's files (plots that are not
     made again are removed), and a folder with no run records is refused before anything is written."""
     from ..folders import FileSet, output_lock
 
     records = load_records(results)
+    rate_records = None
+    if rates_from is not None:
+        rate_records = [r for r in load_records(rates_from) if r.get("split") == "validation"]
+        if not rate_records:
+            raise ValueError(f"{rates_from} holds no validation-split runs to choose learning rates from; "
+                             "give the folder of an `evaluate ... --split validation` grid")
     stab_path = results / "stability.json"
     stab = read_json(stab_path) if stab_path.exists() else None
     if not records and stab is None:
@@ -300,7 +312,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
         old = ["tables.md", "summary.json", "stability.png", *(p.name for task in SCORES
                                                               for p in folder.glob(f"{task}_*.png"))]
         with FileSet(folder, replaces=old) as files:
-            names = _write_report_files(records, stab, files)
+            names = _write_report_files(records, stab, files, rate_records, rates_from)
             files.commit()
     return [out / name for name in names]
 
@@ -313,11 +325,14 @@ def _plot_into(files, name: str, plot) -> list[str]:
     return []
 
 
-def _write_report_files(records: list[dict[str, Any]], stab: dict[str, Any] | None, files) -> list[str]:
+def _write_report_files(records: list[dict[str, Any]], stab: dict[str, Any] | None, files,
+                        rate_records: list[dict[str, Any]] | None = None, rates_from: Path | None = None) -> list[str]:
     parts, plots = [], []
     tuned = {r["task"] for r in records if r.get("split") == "validation"}
+    if rate_records is not None:
+        tuned |= {r["task"] for r in records if r.get("lr") is not None}
     if tuned:  # a learning-rate study: the grid and the comparison at each method's tuned rate
-        parts += _tuned(records, tuned)
+        parts += _tuned(records, tuned, rate_records, rates_from)
         records = [r for r in records if r["task"] not in tuned]
     rows = summarize(records)
     for task in SCORES:
