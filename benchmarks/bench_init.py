@@ -174,7 +174,7 @@ def bench_smollm2(r: int, rho: float, n_texts: int = 32, batch_size: int = 8) ->
 
     # the decomposition alone on the real covariances, each solver
     solver_times = {}
-    for solver in ("dense", "lanczos"):
+    for solver in ("dense", "lanczos", "block"):
         t = time.perf_counter()
         other = eva_init(groups, r, rho, order=order, solver=solver)
         solver_times[solver] = {"eva_init_s": time.perf_counter() - t,

@@ -68,52 +68,58 @@ def top_pairs(matrices: Sequence[torch.Tensor], k: int, *, seed: int = 0
     accepted = torch.zeros(batch, dtype=torch.bool, device=device)
     if depth < 1 or k == 0:  # no room for a Krylov block beside the start block: the dense solver's case
         return values, vectors, accepted
-    fast = torch.empty(batch, d, d, dtype=torch.float32, device=device)
-    for i, matrix in enumerate(matrices):
-        fast[i].copy_(matrix)
+    fast = [matrix.to(torch.float32) for matrix in matrices]  # a list: dropping a converged one copies nothing
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(d, b, generator=generator, dtype=torch.float64).to(device=device, dtype=torch.float32)
-    block = torch.linalg.qr(start)[0].expand(batch, d, b).contiguous()
-    active = list(range(batch))  # the matrices the rows of fast and block still stand for
+    start = torch.randn(b, d, generator=generator, dtype=torch.float64).to(device=device, dtype=torch.float32)
+    rows = torch.linalg.qr(start.T)[0].T.expand(batch, b, d).contiguous()  # the start block, as rows
+    active = list(range(batch))  # the matrices that fast and rows still stand for
     for _ in range(MAX_CYCLES):
-        theta, x, residual = _refine([matrices[i] for i in active], _krylov_ritz(fast, block, depth, b))
+        theta, x, residual = _refine([matrices[i] for i in active], _krylov_ritz(fast, rows, depth, b))
         ok = _accept(theta, residual, k)
         done = torch.tensor(active, device=device)[ok]
         values[done], vectors[done], accepted[done] = theta[ok, :k], x[ok, :, :k], True
         if bool(ok.all()):
             break
-        if bool(ok.any()):  # carry on with the others only (one copy of their fp32 matrices)
-            keep = ~ok
-            fast, x = fast[keep], x[keep]
-            active = [i for i, done_i in zip(active, ok.tolist()) if not done_i]
-        block = x.to(torch.float32)
+        keep = (~ok).tolist()
+        active = [i for i, kept in zip(active, keep) if kept]
+        fast = [a for a, kept in zip(fast, keep) if kept]
+        rows = x[~ok].mT.to(torch.float32).contiguous()
     return values, vectors, accepted
 
 
 def _project_out(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return w - basis @ (basis.mT @ w)
+    """The rows of ``w`` less their components in the row space of the orthonormal rows ``basis``."""
+    return w - (w @ basis.mT) @ basis
 
 
-def _krylov_ritz(a: torch.Tensor, block: torch.Tensor, depth: int, b: int) -> torch.Tensor:
-    """The top ``b`` Ritz vectors (B, d, b) of the Krylov space of depth ``depth`` started at ``block``."""
-    batch, d, _ = block.shape
+def _orthonormal_rows(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(w.mT)[0].mT
+
+
+def _krylov_ritz(a: list[torch.Tensor], rows: torch.Tensor, depth: int, b: int) -> torch.Tensor:
+    """The top ``b`` Ritz vectors (B, d, b), fp64, of the Krylov space of depth ``depth`` started at ``rows``.
+
+    The basis is kept as rows (B, m, d), so each block and each product A·V_j = (V_jᵀ A)ᵀ (A symmetric) is a
+    contiguous (b, d) slice: the products are written in place, one GEMM per matrix."""
+    batch, _, d = rows.shape
     m = (depth + 1) * b
-    v = block.new_empty(batch, d, m)  # the basis, filled block by block
-    av = block.new_empty(batch, d, m)  # A times it
-    v[..., :b] = block
+    vt = rows.new_empty(batch, m, d)  # the basis, filled block by block
+    avt = rows.new_empty(batch, m, d)  # its products with A
+    vt[:, :b] = rows
     for j in range(depth + 1):
         lo, hi = j * b, (j + 1) * b
-        torch.matmul(a, v[..., lo:hi], out=av[..., lo:hi])
+        for i, matrix in enumerate(a):
+            torch.mm(vt[i, lo:hi], matrix, out=avt[i, lo:hi])
         if j == depth:
             break
-        basis = v[..., :hi]
-        w = torch.linalg.qr(_project_out(basis, av[..., lo:hi]))[0]
-        v[..., hi:hi + b] = torch.linalg.qr(_project_out(basis, w))[0]  # twice is enough (and repairs a
-        # direction that QR invented for an exhausted Krylov space)
-    v = v.to(torch.float64)
-    t = v.mT @ av.to(torch.float64)
+        basis = vt[:, :hi]
+        w = _orthonormal_rows(_project_out(basis, avt[:, lo:hi]))
+        vt[:, hi:hi + b] = _orthonormal_rows(_project_out(basis, w))  # twice is enough (and repairs a direction
+        # that QR invented for an exhausted Krylov space)
+    v = vt.to(torch.float64)
+    t = v @ avt.to(torch.float64).mT
     _, y = torch.linalg.eigh((t + t.mT) * 0.5)  # ascending
-    return v @ y[..., -b:].flip(-1)
+    return v.mT @ y[..., -b:].flip(-1)
 
 
 def _refine(matrices: Sequence[torch.Tensor], ritz: torch.Tensor
