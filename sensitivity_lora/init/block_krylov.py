@@ -1,9 +1,10 @@
 """Top-k eigenpairs of a batch of symmetric PSD matrices of one width: restarted block Krylov, in torch.
 
 Single-vector Lanczos (ARPACK) does one matrix-vector product at a time: a memory-bound
-GEMV that leaves a multi-threaded BLAS waiting, once per group. Here every product is a
-batched GEMM over all the matrices of a width at once, so the work runs at matrix-multiply
-speed on any thread count and on the GPU. One *cycle*, for each matrix A (d × d) and an
+GEMV that leaves a multi-threaded BLAS waiting, once per group. Here every product is a GEMM
+with a block of b vectors (one per matrix, in place), and everything between the products
+(projections, QR, Rayleigh–Ritz) is batched over all the matrices of a width, so the work runs
+at matrix-multiply speed on any thread count and on the GPU. One *cycle*, for each matrix A (d × d) and an
 orthonormal start block Q₀ (d × b, b = k + oversampling):
 
 1. Krylov basis V = [Q₀, Q₁, …, Q_q] of span{Q₀, AQ₀, …, A^q Q₀}: each new block is A·Q_j with
@@ -31,8 +32,9 @@ orthonormal start block Q₀ (d × b, b = k + oversampling):
    eigenvalues within 1e-7 relative, every |cos| ≥ 0.999999 (tests/test_init_block_krylov.py).
 
 Cost per cycle and matrix: (q + 1) products of d²·b multiply-adds in fp32, one in fp64, and
-O(d·m²) for the basis (m = (q + 1)·b). SmolLM2's covariances take two cycles. The start block is seeded (one Gaussian d × b draw
-shared by every matrix), so one configuration gives the same bytes on every run.
+O(d·m²) for the basis (m = (q + 1)·b); SmolLM2-135M's covariances take one or two cycles. The
+start block is seeded (one Gaussian d × b draw shared by every matrix), so one configuration
+gives the same bytes on every run.
 """
 from __future__ import annotations
 
