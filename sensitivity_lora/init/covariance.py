@@ -9,10 +9,12 @@ From a calibration pass over n non-padding tokens with inputs x_t ∈ R^d:
 
 Both are computed in fp64 whatever the input dtype: activations with a large mean
 (massive activations) make S − nμμᵀ a difference of large numbers. The result is
-symmetrised exactly ((X + Xᵀ)/2), so eigen solvers see a symmetric matrix.
+exactly symmetric, so eigen solvers see a symmetric matrix: a symmetric S (what calibration
+gives) stays so through one fused pass, any other S is symmetrised first ((S + Sᵀ)/2).
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -28,16 +30,16 @@ def centred_covariance(xtx: torch.Tensor, total: torch.Tensor, n_tokens: int) ->
         raise ValueError(f"Σx must be a ({s_mat.shape[0]},) tensor matching Σxxᵀ, got {shape}")
     n = _check_count(n_tokens, minimum=2, why="a covariance needs at least 2 tokens")
     s = total.to(device=s_mat.device, dtype=torch.float64)
-    cov = (s_mat - torch.outer(s, s) / n) / (n - 1)
-    return (cov + cov.T) * 0.5
+    # S/(n−1) − u uᵀ, u = s/√(n(n−1)), in one pass: entries (i, j) and (j, i) round alike when S is symmetric
+    u = s / math.sqrt(n * (n - 1))
+    return torch.addr(_symmetric(s_mat), u, u, beta=1.0 / (n - 1), alpha=-1.0)
 
 
 def second_moment(xtx: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """M = S / n in fp64 (the uncentred second moment of the inputs)."""
     s_mat = _check_xtx(xtx)
     n = _check_count(n_tokens, minimum=1, why="no tokens were seen")
-    m = s_mat / n
-    return (m + m.T) * 0.5
+    return _symmetric(s_mat) / n
 
 
 # E[(a·x)²] of a row of PEFT's default A (Kaiming uniform, a = √5: entries U(±1/√d)) is tr(M) / (3d).
@@ -51,10 +53,11 @@ def default_gain_rows(rows: torch.Tensor, xtx: torch.Tensor, n_tokens: int) -> t
     learning rate) and change only the directions. Zero-energy rows stay zero."""
     if rows.ndim != 2 or rows.shape[1] != xtx.shape[-1]:
         raise ValueError(f"rows must be (k, {xtx.shape[-1]}) to match Σxxᵀ, got {tuple(rows.shape)}")
-    moment = second_moment(xtx, n_tokens)
-    target = KAIMING_ROW_ENERGY * float(torch.diagonal(moment).sum()) / moment.shape[0]
+    s_mat = _symmetric(_check_xtx(xtx))
+    n = _check_count(n_tokens, minimum=1, why="no tokens were seen")
+    target = KAIMING_ROW_ENERGY * float(torch.diagonal(s_mat).sum()) / (n * s_mat.shape[0])
     r64 = rows.to(torch.float64)
-    energy = ((r64 @ moment) * r64).sum(dim=1)
+    energy = ((r64 @ s_mat) * r64).sum(dim=1) / n  # aᵀ M a with M = S/n, without forming M
     scale = torch.where(energy > 0, (target / energy.clamp_min(torch.finfo(torch.float64).tiny)).sqrt(),
                         torch.zeros_like(energy))
     return (r64 * scale.unsqueeze(1)).to(rows.dtype)
@@ -67,6 +70,11 @@ def _check_xtx(xtx: torch.Tensor) -> torch.Tensor:
         shape = tuple(xtx.shape) if isinstance(xtx, torch.Tensor) else type(xtx).__name__
         raise ValueError(f"Σxxᵀ must be a square (d, d) tensor, got {shape}")
     return xtx.to(torch.float64)
+
+
+def _symmetric(s_mat: torch.Tensor) -> torch.Tensor:
+    """``s_mat`` itself when exactly symmetric (one comparison pass, no copy), else (S + Sᵀ)/2."""
+    return s_mat if torch.equal(s_mat, s_mat.T) else (s_mat + s_mat.T) * 0.5
 
 
 def _check_count(n_tokens: int, minimum: int, why: str) -> int:
