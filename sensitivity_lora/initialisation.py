@@ -11,7 +11,9 @@ stay, for reference), and every module takes the prefix of its directions. B = 0
 
 Overlap: when the statistics live on a GPU, each part is decomposed in a worker thread on its own
 CUDA stream while the caller calibrates the next block, so the eigendecomposition hides behind
-the forward pass; one part at most waits in flight (memory: two blocks' statistics). On the CPU
+the forward pass; one part at most is in flight (memory: two blocks' statistics, and the worker's
+working set: one batch of its covariances in fp64 with their fp32 copies, ~2.5 GB at d = 14336,
+held in the side stream's share of the CUDA cache). On the CPU
 the same cores would do both, so parts are decomposed in turn. Either way the numbers are the
 same: each part runs the same operations on the same data.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +34,15 @@ from .init.state import InitResult
 from .scoring.allocate import module_caps
 from .scoring.result import Allocation
 from .settings import AllocationSettings
+
+
+class _Fitted(NamedTuple):
+    """One part's initialisation: every module's scores and rows, the decompositions done, the solvers used."""
+
+    scores: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    decompositions: int
+    solvers: dict[str, str]
 
 
 class PartwiseInit:
@@ -55,26 +67,31 @@ class PartwiseInit:
         self.solvers: dict[str, str] = {}
         self.overlap = overlap
         self._worker: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._side_stream = None
+        self._pending: tuple[Future, object] | None = None  # (the worker's future, its CUDA stream or None)
+        self._side_streams: dict[torch.device, object] = {}  # one side stream per GPU
 
     def fit(self, part: CalibrationStatistics) -> None:
         """Every module of ``part``: its directions up to its cap (rows, fp64) and their scores; in a worker
         thread when overlapping (then an error surfaces at the next :meth:`fit` or at :meth:`finish`)."""
+        self._wait()  # one part in flight at most, and its results merged here, on the caller's thread
         groups = group_sums_from_statistics(part)
+        order = list(part.dims)
+        weights = None
+        if self.settings.init == "output-aware":  # read the model here: the caller may restore it meanwhile
+            lookup = dict(self.model.named_modules())
+            weights = {name: module_weight(lookup[name]).detach() for name in order}
         device = next(iter(groups.values())).xtx.device if groups else torch.device("cpu")
         overlap = self.overlap if self.overlap is not None else device.type == "cuda"
         if not overlap:
-            self._fit(part, groups)
+            self._merge(self._fit(part, groups, weights))
             return
-        self._wait()  # one part in flight at most
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensitivity-lora-init")
-        ready = None
+        stream = ready = None
         if device.type == "cuda":  # the side stream starts once the statistics are written on this one
-            self._side_stream = self._side_stream or torch.cuda.Stream(device)
+            stream = self._side_streams.setdefault(device, torch.cuda.Stream(device))
             ready = torch.cuda.current_stream(device).record_event()
-        self._pending = self._worker.submit(self._fit_aside, part, groups, ready)
+        self._pending = (self._worker.submit(self._fit_aside, part, groups, weights, stream, ready), stream)
 
     def close(self) -> None:
         """Wait for the part in flight (its error, if any, is dropped) and stop the worker thread."""
@@ -89,21 +106,28 @@ class PartwiseInit:
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-            if self._side_stream is not None:  # what the worker wrote is read on the caller's stream
-                torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
-
-    def _fit_aside(self, part: CalibrationStatistics, groups: dict, ready) -> None:
-        if ready is None:
-            self._fit(part, groups)
+        if pending is None:
             return
-        with torch.cuda.stream(self._side_stream):
-            self._side_stream.wait_event(ready)
-            self._fit(part, groups)
-        self._side_stream.synchronize()  # the part's memory is reused once released: only after its last kernel
+        future, stream = pending
+        got = future.result()
+        if stream is not None:  # made on the side stream, read and freed on the caller's from now on
+            caller = torch.cuda.current_stream(stream.device)
+            caller.wait_stream(stream)
+            for tensor in (*got.rows.values(), *got.scores.values()):
+                tensor.record_stream(caller)
+        self._merge(got)
 
-    def _fit(self, part: CalibrationStatistics, groups: dict) -> None:
+    def _fit_aside(self, part: CalibrationStatistics, groups: dict, weights: dict | None, stream, ready) -> _Fitted:
+        if stream is None:
+            return self._fit(part, groups, weights)
+        try:
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                return self._fit(part, groups, weights)
+        finally:
+            stream.synchronize()  # the part's memory is reused once released: only after its last kernel
+
+    def _fit(self, part: CalibrationStatistics, groups: dict, weights: dict | None) -> _Fitted:
         order = list(part.dims)
         init = self.settings.init
         if init == "covariance":  # up to the allocation's cap; the allocation picks the ranks later
@@ -115,13 +139,15 @@ class PartwiseInit:
         elif init == "eva":  # ρ = 1 with r = the cap: every module keeps all its candidate directions
             result = eva_init(groups, r=self.cap, rho=1.0, order=order)
         else:
-            lookup = dict(self.model.named_modules())
-            weights = {name: module_weight(lookup[name]).detach() for name in order}
             result = output_aware_init(weights, groups, self.cap, 1.0, order=order)
-        self.scores.update(result.scores)
-        self.rows.update(_scaled(result.components, groups, self.settings.init_scale))
-        self.decompositions += result.decompositions
-        self.solvers.update(result.solvers)
+        rows = _scaled(result.components, groups, self.settings.init_scale)
+        return _Fitted(result.scores, rows, result.decompositions, result.solvers)
+
+    def _merge(self, got: _Fitted) -> None:
+        self.scores.update(got.scores)
+        self.rows.update(got.rows)
+        self.decompositions += got.decompositions
+        self.solvers.update(got.solvers)
 
     def finish(self, allocation: Allocation) -> Allocation:
         """``allocation`` with the init's ranks (for eva / output-aware) and its initial A attached."""

@@ -104,9 +104,32 @@ def test_what_the_check_refuses_gets_the_dense_answer():
     assert torch.all(got[2].values == 0)
 
 
+@pytest.mark.parametrize("spread", [1e5, 1e8])
+def test_an_outlier_that_dwarfs_the_kth_eigenvalue_gets_fp64_products(spread):
+    """fp32 products round at about 1e-7·θ₁: with θ₁/θ_k far beyond 1e3 they cannot pass the check, so the
+    matrix is solved again with fp64 products (not handed to the dense solver)."""
+    lam = torch.logspace(0, -2, 300, dtype=torch.float64)
+    lam[0] = spread
+    matrix = with_spectrum(lam, 11)
+    got = top_eigenpairs(matrix, 16, "block")
+    assert got.method == "block-fp64"
+    assert_matches_oracle(got, matrix, 16)
+
+
+def test_each_matrix_is_judged_on_its_own_k():
+    """Pairs beyond a matrix's own k may be nearly repeated: its batch-mate's larger k must not fail it."""
+    lam = spectrum("decay", 300, 7)
+    lam[4:16] = lam[4]  # repeated right after the 4 it wants
+    wants_four, wants_sixteen = with_spectrum(lam, 7), with_spectrum(spectrum("decay", 300, 8), 8)
+    got = top_eigenpairs_many([wants_four, wants_sixteen], [4, 16], "block")
+    assert [g.method for g in got] == ["block", "block"]
+    assert_matches_oracle(got[0], wants_four, 4)
+    assert_matches_oracle(got[1], wants_sixteen, 16)
+
+
 def test_a_failed_check_never_returns_the_iterate(monkeypatch):
     matrix = with_spectrum(spectrum("decay", 300, 3), 3)
-    monkeypatch.setattr(block_krylov, "RESIDUAL_TOL", -1.0)  # no answer can pass
+    monkeypatch.setattr(block_krylov, "RESIDUAL_TOL", 0.0)  # no answer can pass
     assert top_eigenpairs(matrix, 16, "block").method == "dense"
 
 
@@ -115,7 +138,7 @@ def test_memory_batches_change_nothing_but_the_batching(monkeypatch):
     whole = top_eigenpairs_many(matrices, [16] * 5, "block")
     calls = []
     real = block_krylov.top_pairs
-    monkeypatch.setattr(block_krylov, "top_pairs", lambda ms, k, **kw: calls.append(len(ms)) or real(ms, k, **kw))
+    monkeypatch.setattr(block_krylov, "top_pairs", lambda ms, ks, **kw: calls.append(len(ms)) or real(ms, ks, **kw))
     monkeypatch.setattr(decompose, "BLOCK_BATCH_BYTES", 2 * 300 * 300 * 4)
     split = top_eigenpairs_many(matrices, [16] * 5, "block")
     assert calls == [2, 2, 1]
@@ -128,7 +151,7 @@ def test_widths_and_devices_are_batched_apart_and_results_keep_their_order(monke
     calls = []
     real = block_krylov.top_pairs
     monkeypatch.setattr(block_krylov, "top_pairs",
-                        lambda ms, k, **kw: calls.append((ms[0].shape[0], len(ms), k)) or real(ms, k, **kw))
+                        lambda ms, ks, **kw: calls.append((ms[0].shape[0], len(ms), max(ks))) or real(ms, ks, **kw))
     got = top_eigenpairs_many(matrices, [8, 16, 12, 4, 16], "auto")
     assert calls == [(300, 2, 12), (400, 2, 16)]  # d = 64 is below the block solver's size: dense
     assert [g.method for g in got] == ["block", "block", "block", "dense", "block"]

@@ -70,3 +70,15 @@ def test_default_gain_rows_by_hand():
     assert out.dtype == rows.dtype
     with pytest.raises(ValueError, match=r"rows must be \(k, 2\)"):
         default_gain_rows(torch.ones(1, 3), xtx, 2)
+
+
+@pytest.mark.parametrize("d", [257, 299, 300, 576])
+def test_centred_covariance_is_exactly_symmetric_at_any_width(d):
+    """Vectorised and scalar tails must round (i, j) and (j, i) alike (a fused multiply-add in one of them
+    would not): widths off the SIMD width included."""
+    x = torch.randn(400, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d)) + 3.0
+    s_mat = x.T @ x
+    s_mat = (s_mat + s_mat.T) * 0.5
+    cov = centred_covariance(s_mat, x.sum(0), 400)
+    assert torch.equal(cov, cov.T)
+    assert torch.allclose(cov, torch.from_numpy(np.cov(x.numpy(), rowvar=False)), rtol=1e-10, atol=1e-12)

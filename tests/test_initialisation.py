@@ -72,7 +72,7 @@ def test_streaming_gives_the_same_initialisation_as_one_pass(init):
     assert one.total_rank() == 4 * len(one.modules)  # the budget holds for every rank rule
 
 
-@pytest.mark.parametrize("init", ["covariance", "eva"])
+@pytest.mark.parametrize("init", ["covariance", "eva", "output-aware"])
 def test_overlapped_fitting_gives_the_same_bytes_with_one_part_in_flight(init, monkeypatch):
     """The worker-thread path (a GPU's default; forced here on the CPU) changes when parts are decomposed,
     not what comes out; it never holds more than one part, and its thread is gone afterwards."""
@@ -86,11 +86,11 @@ def test_overlapped_fitting_gives_the_same_bytes_with_one_part_in_flight(init, m
     in_flight, most = [0], [0]
     real = initialisation.PartwiseInit._fit
 
-    def counting(self, part, groups):
+    def counting(self, part, groups, weights):
         in_flight[0] += 1
         most[0] = max(most[0], in_flight[0])
         try:
-            return real(self, part, groups)
+            return real(self, part, groups, weights)
         finally:
             in_flight[0] -= 1
 
@@ -115,7 +115,7 @@ def test_an_error_in_the_overlapped_fit_surfaces_and_the_worker_stops(monkeypatc
     from sensitivity_lora import initialisation
     from sensitivity_lora.calibration.streaming import iter_block_statistics, released
 
-    def broken(self, part, groups):
+    def broken(self, part, groups, weights):
         raise ValueError("no variance in this part")
 
     model, batches = tiny_llama(), random_batches(2)

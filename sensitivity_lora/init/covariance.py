@@ -10,7 +10,8 @@ From a calibration pass over n non-padding tokens with inputs x_t ∈ R^d:
 Both are computed in fp64 whatever the input dtype: activations with a large mean
 (massive activations) make S − nμμᵀ a difference of large numbers. The result is
 exactly symmetric, so eigen solvers see a symmetric matrix: a symmetric S (what calibration
-gives) stays so through one fused pass, any other S is symmetrised first ((S + Sᵀ)/2).
+gives) stays so through elementwise operations of one rounding each, any other S is
+symmetrised first ((S + Sᵀ)/2).
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def centred_covariance(xtx: torch.Tensor, total: torch.Tensor, n_tokens: int) ->
         raise ValueError(f"Σx must be a ({s_mat.shape[0]},) tensor matching Σxxᵀ, got {shape}")
     n = _check_count(n_tokens, minimum=2, why="a covariance needs at least 2 tokens")
     s = total.to(device=s_mat.device, dtype=torch.float64)
-    # S/(n−1) − u uᵀ, u = s/√(n(n−1)), in one pass: entries (i, j) and (j, i) round alike when S is symmetric
+    # S/(n−1) − u uᵀ, u = s/√(n(n−1)): one rounding per operation and entry (no fused multiply-add, which
+    # vectorised and scalar code paths apply differently), so (i, j) and (j, i) round alike when S is symmetric
     u = s / math.sqrt(n * (n - 1))
-    return torch.addr(_symmetric(s_mat), u, u, beta=1.0 / (n - 1), alpha=-1.0)
+    cov = _symmetric(s_mat) * (1.0 / (n - 1))
+    return cov.sub_(torch.outer(u, u))
 
 
 def second_moment(xtx: torch.Tensor, n_tokens: int) -> torch.Tensor:

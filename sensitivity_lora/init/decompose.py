@@ -15,9 +15,12 @@ Solvers:
   fp32 products and fp64 Rayleigh–Ritz, for many matrices of one width at once
   (:func:`top_eigenpairs_many`): batched GEMMs instead of one matrix-vector product at a time,
   so it uses every torch thread and the GPU. Each answer is checked (every residual
-  ‖S v − θ v‖ ≤ 1e-4 · θ and ≤ 0.03 × the gap to the neighbouring eigenvalues) and a
-  matrix that fails after six cycles (nearly repeated eigenvalues among the top k, a zero
-  matrix) gets the dense answer instead.
+  ‖S v − θ v‖ ≤ 1e-4 · θ and ≤ 0.03 × the gap to the neighbouring eigenvalues). fp32
+  products round at about 1e-7 · θ₁, so a matrix whose top eigenvalue dwarfs its k-th
+  (θ₁/θ_k beyond about 1e3) cannot pass with them: it is solved again with fp64 products
+  (``block-fp64``), and one that fails that too (nearly repeated eigenvalues among the top
+  k, a zero matrix) gets the dense answer. A matrix stops early once a cycle no longer
+  halves its distance from the check.
 - ``dense``: ``torch.linalg.eigh`` on the matrix's own device, all pairs, the top k kept.
 - ``lanczos``: ARPACK on the CPU (a tensor on another device is copied there), a seeded
   start vector, relative tolerance ``tol``. Its answer is checked (every residual
@@ -66,7 +69,7 @@ class Eigenpairs:
 
     values: torch.Tensor
     vectors: torch.Tensor
-    method: str  # the solver that produced them: "block", "dense" or "lanczos"
+    method: str  # the solver that produced them: "block" (fp32 products), "block-fp64", "dense" or "lanczos"
 
 
 def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,8 @@ def top_eigenpairs_many(matrices: Sequence[torch.Tensor], ks: Sequence[int], met
     """:func:`top_eigenpairs` of every matrix (``ks[i]`` pairs of ``matrices[i]``), in order.
 
     The ``block`` solver (``auto``'s choice for most) takes the matrices of one width and device
-    together, in batches of at most ``BLOCK_BATCH_BYTES`` of fp32 copies; the others go one by one.
+    together, in batches of ``BLOCK_BATCH_BYTES`` of fp32 copies (at least one matrix each); the others
+    go one by one.
     """
     if len(matrices) != len(ks):
         raise ValueError(f"{len(matrices)} matrices but {len(ks)} values of k; give one k per matrix")
@@ -130,14 +134,22 @@ def top_eigenpairs_many(matrices: Sequence[torch.Tensor], ks: Sequence[int], met
             results[i] = top_eigenpairs(matrix, k, "dense" if chosen[i] == "block" else chosen[i], seed=seed)
     for (d, _), members in together.items():
         for batch in memory_batches(members, d * d * 4, BLOCK_BATCH_BYTES):
-            k_max = max(ks[i] for i in batch)
-            values, vectors, accepted = block_krylov.top_pairs([matrices[i] for i in batch], k_max, seed=seed)
-            for j, i in enumerate(batch):
-                if bool(accepted[j]):
-                    rows = vectors[j, :, : ks[i]].T.contiguous()
-                    results[i] = Eigenpairs(values[j, : ks[i]].clone(), fix_signs(rows), "block")
-                else:
-                    results[i] = _dense(matrices[i].to(torch.float64), ks[i])
+            left = batch
+            for products, label in ((torch.float32, "block"), (torch.float64, "block-fp64")):
+                # fp32 products first; a matrix whose eigenvalue spread puts their rounding above the check
+                # gets fp64 products, and one that fails those too the dense answer
+                values, vectors, accepted = block_krylov.top_pairs([matrices[i] for i in left],
+                                                                   [ks[i] for i in left], seed=seed,
+                                                                   products=products)
+                for j, i in enumerate(left):
+                    if bool(accepted[j]):
+                        rows = vectors[j, :, : ks[i]].T.contiguous()
+                        results[i] = Eigenpairs(values[j, : ks[i]].clone(), fix_signs(rows), label)
+                left = [i for i in left if results[i] is None]
+                if not left:
+                    break
+            for i in left:
+                results[i] = _dense(matrices[i].to(torch.float64), ks[i])
     return results  # type: ignore[return-value]
 
 
