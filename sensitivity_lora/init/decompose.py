@@ -3,11 +3,12 @@
 Initialisers need only the top k = round(ρ·r̄) directions (16–32) of a d × d
 covariance, d up to 14336. A dense ``torch.linalg.eigh`` is O(d³) whatever k is
 (measured on one CPU thread: 0.05 s at d = 576, 0.8 s at 1536, 23 s at 4096).
-The implicitly restarted Lanczos method (ARPACK through
-``scipy.sparse.linalg.eigsh``) needs only products with the matrix and returns
-the same pairs to rounding in 0.01 s, 0.1 s and 0.5–0.8 s at those sizes;
-``benchmarks/bench_init.py`` measures both (and the d = 14336 case) into
-``benchmarks/results/init.json``, and ``auto`` follows it.
+Krylov methods need only products with the matrix. ARPACK's Lanczos (through
+``scipy.sparse.linalg.eigsh``) does them one vector at a time, a memory-bound GEMV
+that gains nothing from a second thread; the block solver does them a block at a
+time for every group of a width, at GEMM speed. ``benchmarks/bench_end_to_end.py``
+(SmolLM2's 120 groups) and ``benchmarks/bench_eigensolver.py`` (d = 4096 and 14336)
+measure the three; ``auto`` follows them.
 
 Solvers:
 
