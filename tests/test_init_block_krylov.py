@@ -152,7 +152,11 @@ def test_widths_and_devices_are_batched_apart_and_results_keep_their_order(monke
     real = block_krylov.top_pairs
     monkeypatch.setattr(block_krylov, "top_pairs",
                         lambda ms, ks, **kw: calls.append((ms[0].shape[0], len(ms), max(ks))) or real(ms, ks, **kw))
-    got = top_eigenpairs_many(matrices, [8, 16, 12, 4, 16], "auto")
+    torch.set_num_threads(2)  # auto picks the block solver from two threads on (on one CPU thread: ARPACK)
+    try:
+        got = top_eigenpairs_many(matrices, [8, 16, 12, 4, 16], "auto")
+    finally:
+        torch.set_num_threads(1)
     assert calls == [(300, 2, 12), (400, 2, 16)]  # d = 64 is below the block solver's size: dense
     assert [g.method for g in got] == ["block", "block", "block", "dense", "block"]
     for g, m, k in zip(got, matrices, [8, 16, 12, 4, 16]):
@@ -162,11 +166,11 @@ def test_widths_and_devices_are_batched_apart_and_results_keep_their_order(monke
 def test_deterministic_bytes_and_threads_change_only_rounding():
     matrices = [with_spectrum(spectrum("gaps", 300, s), s) for s in range(3)]
     torch.set_num_threads(1)
-    a, b = top_eigenpairs_many(matrices, [16] * 3), top_eigenpairs_many(matrices, [16] * 3)
+    a, b = top_eigenpairs_many(matrices, [16] * 3, "block"), top_eigenpairs_many(matrices, [16] * 3, "block")
     assert all(torch.equal(x.values, y.values) and torch.equal(x.vectors, y.vectors) for x, y in zip(a, b))
     torch.set_num_threads(2)
     try:
-        c = top_eigenpairs_many(matrices, [16] * 3)
+        c = top_eigenpairs_many(matrices, [16] * 3, "block")
     finally:
         torch.set_num_threads(1)
     for x, y in zip(a, c):
@@ -205,7 +209,7 @@ def test_smollm2_real_covariances_match_the_oracle(one_thread):
     batches = calibration_batches(load_texts(None, max_samples=8), tokenizer, seq_len=128, batch_size=8)
     groups = group_sums_from_statistics(calibrate(model, batches, hessian="full", progress=False))
     covs = {name: centred_covariance(g.xtx, g.total, g.n_tokens) for name, g in groups.items()}
-    got = dict(zip(covs, top_eigenpairs_many(list(covs.values()), [16] * len(covs))))
+    got = dict(zip(covs, top_eigenpairs_many(list(covs.values()), [16] * len(covs), "block")))
     assert len(got) == 120 and {g.method for g in got.values()} == {"block"}
     checked = [name for name in covs if any(f"layers.{i}." in name for i in (0, 15, 29))]
     assert len(checked) == 12 and {covs[n].shape[0] for n in checked} == {576, 1536}

@@ -81,11 +81,19 @@ def test_fix_signs_ties_go_to_the_first_index():
 
 def test_auto_choice_and_fallbacks(monkeypatch):
     assert choose_method(128, 16) == "dense"  # small: dense is already microseconds
-    assert choose_method(576, 16) == "block"
-    assert choose_method(576, 200) == "dense"  # k a large share of d
-    assert choose_method(4096, 32, "cuda") == "block"
+    assert choose_method(576, 16, threads=2) == "block"
+    assert choose_method(576, 16, threads=1) == "lanczos"  # one CPU thread: ARPACK's GEMVs cost less
+    assert choose_method(576, 200, threads=2) == "dense"  # k a large share of d
+    assert choose_method(4096, 32, "cuda", threads=1) == "block"
     matrix, _ = decaying_matrix(300, 1.0, seed=7)
-    assert top_eigenpairs(matrix, 16).method == "block"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert top_eigenpairs(matrix, 16).method == "lanczos"
+        torch.set_num_threads(2)
+        assert top_eigenpairs(matrix, 16).method == "block"
+    finally:
+        torch.set_num_threads(before)
     assert top_eigenpairs(matrix, 299, "lanczos").method == "dense"  # ARPACK needs k < d - 1
     # an unconverged or wrong Lanczos answer is replaced by the dense one
     monkeypatch.setattr(decompose, "LANCZOS_RESIDUAL_CHECK", -1.0)

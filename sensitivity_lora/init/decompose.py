@@ -29,7 +29,9 @@ Solvers:
   the check fails (or ARPACK refuses the matrix), so it never returns an unconverged pair. Like every single-vector
   Krylov method it could miss a copy of an eigenvalue that is repeated *exactly* among
   the top k, which calibration statistics do not have.
-- ``auto``: ``block`` for d ≥ 256 and k ≤ d/4 on any device, else ``dense``.
+- ``auto``: for d ≥ 256 and k ≤ d/4, ``block`` on a GPU and on a CPU with two or more torch
+  threads, ``lanczos`` on one CPU thread (where its one-vector products cost less than the block
+  solver's extra work); else ``dense``.
 
 Conventions, whatever the solver:
 
@@ -85,10 +87,16 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def choose_method(d: int, k: int, device: torch.device | str = "cpu") -> str:
-    """The solver ``auto`` picks for a d × d matrix, k pairs, on ``device``."""
+def choose_method(d: int, k: int, device: torch.device | str = "cpu", threads: int | None = None) -> str:
+    """The solver ``auto`` picks for a d × d matrix, k pairs, on ``device`` with ``threads`` torch threads
+    (default: torch's count now). On one CPU thread ARPACK's one-vector products cost less than the block
+    solver's extra work (measured on SmolLM2's 120 groups: 6.5 s against 8.0 s); from two threads on, and on
+    a GPU, the block solver's GEMMs win (5.9 s against 7.9 s at two threads): benchmarks/RESULTS.md."""
     if d < AUTO_ITERATIVE_MIN_DIM or k > AUTO_ITERATIVE_MAX_SHARE * d:
         return "dense"
+    threads = torch.get_num_threads() if threads is None else threads
+    if torch.device(device).type == "cpu" and threads == 1 and k < d - 1:
+        return "lanczos"
     return "block"
 
 
