@@ -94,7 +94,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--out", default="docs/results", help="folder for tables.md and the plots")
     r.add_argument("--rates-from", default=None, metavar="FOLDER",
                    help="take each method's learning rate from this folder's validation grid (e.g. SmolLM2's, "
-                        "reused for another model) instead of --results' own")
+                        "reused for another model) (default: --results' own grid)")
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("methods", help="list the compared methods")
