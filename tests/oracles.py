@@ -157,3 +157,19 @@ def op_for(name: str, backend: str):
 def case_seed(*parts) -> int:
     """A seed per test case: fresh inputs for every case, reproducible across runs."""
     return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def captured_inputs(model, batches, names) -> dict[str, torch.Tensor]:
+    """Each module's non-padding inputs in fp64, captured plainly by forward pre-hooks (independent of the package)."""
+    mods, seen, mask = dict(model.named_modules()), {n: [] for n in names}, {}
+    handles = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].double()[mask["m"]]))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                mask["m"] = b["attention_mask"].bool()
+                model(**b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}

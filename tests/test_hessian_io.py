@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from oracles import captured_inputs
 from conftest import random_batches, tiny_gpt2, tiny_llama
 from sensitivity_lora.calibration import streaming
 from sensitivity_lora.errors import FileFormatError
@@ -18,25 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:sensitivity_lora._C is not built
 
 def oracle_xtx(model, batches, names) -> dict[str, tuple[torch.Tensor, int, int]]:
     """Σ x xᵀ over non-padding tokens in fp64, the token and sequence counts, from plainly captured inputs."""
-    mods = dict(model.named_modules())
-    sums = {n: 0 for n in names}
-    mask = {}
-
-    def make(n):
-        def hook(_m, args):
-            x = args[0].double()[mask["m"]]
-            sums[n] = sums[n] + x.T @ x
-        return hook
-
-    handles = [mods[n].register_forward_pre_hook(make(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                mask["m"] = b["attention_mask"].bool()
-                model(**b, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    sums = {n: x.T @ x for n, x in captured_inputs(model, batches, names).items()}
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
     return {n: (s, tokens, seqs) for n, s in sums.items()}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import oracles
 from conftest import random_batches, tiny_gpt2, tiny_llama
 import sensitivity_lora
 from sensitivity_lora.errors import FileFormatError, MissingInputError, OutputExistsError, TargetError
@@ -55,19 +56,8 @@ def rel_err(a, b) -> float:
 
 
 def captured_inputs(model, batches, names):
-    """Each module's non-padding inputs in fp64, captured plainly (an oracle independent of the package)."""
-    mods, seen, mask = dict(model.named_modules()), {n: [] for n in names}, {}
-    handles = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].double()[mask["m"]]))
-               for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                mask["m"] = b["attention_mask"].bool()
-                model(**b, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v).numpy() for n, v in seen.items()}
+    """Each module's non-padding inputs in fp64 (numpy), captured plainly (an oracle independent of the package)."""
+    return {n: x.numpy() for n, x in oracles.captured_inputs(model, batches, names).items()}
 
 
 # ---------------------------------------------------------------- (a) values
