@@ -108,17 +108,7 @@ def top_eigenpairs(matrix: torch.Tensor, k: int, method: str = "auto", *, tol: f
     relative tolerance, ``seed`` the start vectors'. The result is on the matrix's device.
     """
     _check(matrix, k, method)
-    chosen = choose_method(matrix.shape[0], k, matrix.device) if method == "auto" else method
-    if chosen == "block":
-        return top_eigenpairs_many([matrix], [k], "block", seed=seed)[0]
-    a = matrix.to(torch.float64)
-    if k == 0:
-        return Eigenpairs(a.new_zeros(0), a.new_zeros(0, a.shape[0]), "dense")
-    if chosen == "lanczos" and k < a.shape[0] - 1:
-        result = _lanczos(a, k, tol, seed)
-        if result is not None:
-            return result
-    return _dense(a, k)
+    return _solve([matrix], [k], method, tol, seed)[0]
 
 
 def top_eigenpairs_many(matrices: Sequence[torch.Tensor], ks: Sequence[int], method: str = "auto", *,
@@ -133,33 +123,49 @@ def top_eigenpairs_many(matrices: Sequence[torch.Tensor], ks: Sequence[int], met
         raise ValueError(f"{len(matrices)} matrices but {len(ks)} values of k; give one k per matrix")
     for matrix, k in zip(matrices, ks):
         _check(matrix, k, method)
-    chosen = [choose_method(m.shape[0], k, m.device) if method == "auto" else method for m, k in zip(matrices, ks)]
+    return _solve(matrices, ks, method, 1e-10, seed)
+
+
+def _solve(matrices: Sequence[torch.Tensor], ks: Sequence[int], method: str, tol: float,
+           seed: int) -> list[Eigenpairs]:
+    """The checked matrices' answers, in order: the block solver's by width and device, the others one by one."""
     results: list[Eigenpairs | None] = [None] * len(matrices)
     together: dict[tuple, list[int]] = {}
     for i, (matrix, k) in enumerate(zip(matrices, ks)):
-        if chosen[i] == "block" and k > 0:
+        chosen = choose_method(matrix.shape[0], k, matrix.device) if method == "auto" else method
+        if chosen == "block" and k > 0:
             together.setdefault((matrix.shape[0], str(matrix.device)), []).append(i)
+            continue
+        a = matrix.to(torch.float64)
+        if k == 0:
+            results[i] = Eigenpairs(a.new_zeros(0), a.new_zeros(0, a.shape[0]), "dense")
+        elif chosen == "lanczos" and k < a.shape[0] - 1:
+            results[i] = _lanczos(a, k, tol, seed) or _dense(a, k)
         else:
-            results[i] = top_eigenpairs(matrix, k, "dense" if chosen[i] == "block" else chosen[i], seed=seed)
+            results[i] = _dense(a, k)
     for (d, _), members in together.items():
         for batch in memory_batches(members, d * d * 4, BLOCK_BATCH_BYTES):
-            left = batch
-            for products, label in ((torch.float32, "block"), (torch.float64, "block-fp64")):
-                # fp32 products first; a matrix whose eigenvalue spread puts their rounding above the check
-                # gets fp64 products, and one that fails those too the dense answer
-                values, vectors, accepted = block_krylov.top_pairs([matrices[i] for i in left],
-                                                                   [ks[i] for i in left], seed=seed,
-                                                                   products=products)
-                for j, i in enumerate(left):
-                    if bool(accepted[j]):
-                        rows = vectors[j, :, : ks[i]].T.contiguous()
-                        results[i] = Eigenpairs(values[j, : ks[i]].clone(), fix_signs(rows), label)
-                left = [i for i in left if results[i] is None]
-                if not left:
-                    break
-            for i in left:
-                results[i] = _dense(matrices[i].to(torch.float64), ks[i])
+            _solve_block(matrices, ks, batch, seed, results)
     return results  # type: ignore[return-value]
+
+
+def _solve_block(matrices: Sequence[torch.Tensor], ks: Sequence[int], batch: list[int], seed: int,
+                 results: list) -> None:
+    """fp32 products first; a matrix whose eigenvalue spread puts their rounding above the check gets fp64
+    products, and one that fails those too the dense answer. Writes ``results[i]`` for every i in ``batch``."""
+    left = batch
+    for products, label in ((torch.float32, "block"), (torch.float64, "block-fp64")):
+        values, vectors, accepted = block_krylov.top_pairs([matrices[i] for i in left], [ks[i] for i in left],
+                                                           seed=seed, products=products)
+        for j, i in enumerate(left):
+            if bool(accepted[j]):
+                rows = vectors[j, :, : ks[i]].T.contiguous()
+                results[i] = Eigenpairs(values[j, : ks[i]].clone(), fix_signs(rows), label)
+        left = [i for i in left if results[i] is None]
+        if not left:
+            return
+    for i in left:
+        results[i] = _dense(matrices[i].to(torch.float64), ks[i])
 
 
 def memory_batches(items: Sequence, item_bytes: int, budget: int) -> list[list]:
